@@ -1,0 +1,22 @@
+"""megatron-s2: hybrid S2-sparse / dense attention for Megatron-Core."""
+from setuptools import setup
+
+setup(
+    name="megatron-s2",
+    version="0.1.0",
+    description="S2-Attention (sparsely-sharded block-sparse attention) kernels and Megatron-Core integration",
+    python_requires=">=3.11",
+    # The kernel library lives in kernels/ but installs as `s2attn`: a top-level `kernels`
+    # module would shadow Hugging Face's `kernels` package.
+    packages=["s2attn", "megatron_s2"],
+    package_dir={"s2attn": "kernels", "megatron_s2": "megatron_s2"},
+    install_requires=[
+        "torch>=2.6,<2.15",
+        "numpy",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "megatron": ["megatron-core>=0.16.1,<0.20", "hydra-core>=1.3,<1.4", "wandb>=0.19"],
+        "test": ["pytest>=8"],
+    },
+)

@@ -1,0 +1,111 @@
+"""Megatron-Core core-attention modules: S2 block-sparse (``S2CoreAttention``) and dense causal
+(``DenseCoreAttention``, the CPU-capable dense path used when TransformerEngine is not).
+
+Both take Megatron's core-attention constructor and forward signatures, so Megatron's own
+``SelfAttention`` builds and calls them unchanged: q, k, v arrive as [s, b, heads, head_dim] with
+this TP rank's heads (K/V with its kv groups), the output is [s, b, heads * head_dim].
+
+Limits (each raises ValueError when asked for): causal self-attention only, no attention dropout,
+no attention bias, no packed sequences, no Megatron sliding window, vanilla softmax, no context
+parallelism yet (issue 4 extends ``S2CoreAttention`` with it). ``attention_mask`` is ignored, as
+TransformerEngine ignores it for ``AttnMaskType.causal``: causality comes from the mask type.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from s2attn import s2_attention
+
+from .config import S2AttentionConfig, check_heads
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+class _CausalCoreAttention(MegatronModule):
+    """Shared part: checks, this rank's head slice, and the [s, b, h, d] <-> [b, s, h, d] views."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        name = type(self).__name__
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        _require(attention_type == "self", f"{name}: attention_type must be 'self', got {attention_type!r}")
+        _require(attn_mask_type == AttnMaskType.causal,
+                 f"{name}: attn_mask_type must be AttnMaskType.causal, got {attn_mask_type}")
+        _require(dropout == 0.0, f"{name}: attention_dropout must be 0 (not supported), got {dropout}")
+        _require(config.softmax_type == "vanilla",
+                 f"{name}: config.softmax_type must be 'vanilla', got {config.softmax_type!r}")
+        _require(config.window_size is None,
+                 f"{name}: config.window_size must be None (use the S2 layout), got {config.window_size}")
+        _require(config.context_parallel_size == 1,
+                 f"{name}: context_parallel_size must be 1 for now, got {config.context_parallel_size}")
+        tp_group = (pg_collection.tp if pg_collection is not None
+                    else parallel_state.get_tensor_model_parallel_group())
+        tp_size, tp_rank = get_pg_size(tp_group), get_pg_rank(tp_group)
+        check_heads(config.num_attention_heads, config.num_query_groups, tp_size)
+        self.layer_number = layer_number
+        self.num_heads = config.num_attention_heads // tp_size       # this rank's query heads
+        self.head_offset = tp_rank * self.num_heads                  # global index of the first
+        self.softmax_scale = softmax_scale                           # None: 1/sqrt(head_dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                attn_mask_type: AttnMaskType | None = None, attention_bias=None, packed_seq_params=None):
+        name = type(self).__name__
+        _require(attn_mask_type in (None, AttnMaskType.causal),
+                 f"{name}: attn_mask_type must be causal, got {attn_mask_type}")
+        _require(attention_bias is None, f"{name}: attention_bias is not supported")
+        _require(packed_seq_params is None, f"{name}: packed sequences (packed_seq_params) are not supported")
+        s, b, heads, d = query.shape
+        _require(heads == self.num_heads, f"{name}: expected {self.num_heads} query heads on this rank, got {heads}")
+        out_bshd = self.attend(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1))
+        return out_bshd.transpose(0, 1).reshape(s, b, heads * d)
+
+    def attend(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class S2CoreAttention(_CausalCoreAttention):
+    """S2 block-sparse causal attention through ``s2attn.s2_attention`` (Triton on CUDA, the torch
+    backend elsewhere). Every global head keeps its pattern at any TP size: the kernel gets this
+    rank's global head offset. GQA stays grouped (K/V are never expanded).
+
+    Built with ``s2`` bound, e.g. ``functools.partial(S2CoreAttention, s2=config)`` in a layer spec.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
+                 pg_collection=None, *, s2: S2AttentionConfig):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
+                         softmax_scale, cp_comm_type, pg_collection)
+        self.s2 = s2
+        self.layout = s2.to_layout(config.num_attention_heads, config.num_query_groups)
+
+    def attend(self, q_bshd, k_bshd, v_bshd):
+        _require(q_bshd.shape[1] % self.layout.block_size == 0,
+                 f"S2CoreAttention: sequence length ({q_bshd.shape[1]}) must be a multiple of "
+                 f"s2.block_size ({self.layout.block_size})")
+        return s2_attention(q_bshd, k_bshd, v_bshd, self.layout, softmax_scale=self.softmax_scale,
+                            head_offset=self.head_offset)
+
+
+class DenseCoreAttention(_CausalCoreAttention):
+    """Dense causal attention through ``torch.nn.functional.scaled_dot_product_attention`` (its
+    flash kernels on CPU and CUDA); GQA via ``enable_gqa``, without expanding K/V."""
+
+    def attend(self, q_bshd, k_bshd, v_bshd):
+        q, k, v = (t.transpose(1, 2) for t in (q_bshd, k_bshd, v_bshd))   # [b, h, s, d] views
+        out_bhsd = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        return out_bhsd.transpose(1, 2)

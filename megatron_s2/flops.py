@@ -1,0 +1,63 @@
+"""Training FLOPs per token of a hybrid S2/dense GPT model.
+
+Counts matrix-multiply FLOPs (2 per multiply-add) of one token's forward pass:
+
+* per layer: QKV projection (GQA: H query heads, G kv heads of head_dim d), attention output
+  projection, MLP (two matrices, three when gated, e.g. SwiGLU);
+* attention scores and values: 4 * d * H FLOPs per attended key. Attention is counted at block
+  granularity, as the kernels compute it: a D layer computes every causal block pair, an S layer
+  only its active pairs (the layout's density over all heads). Diagonal blocks count in full;
+* the output logits (2 * hidden * vocab).
+
+Training = 3 x forward (the backward pass costs twice the forward). Norms, softmax, RoPE and
+embedding lookups are left out. ``dense_equivalent`` is the same model with every layer dense:
+the number that a dense-attention MFU would use, reported next to the sparse count, labelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .config import DENSE, S2AttentionConfig, check_layout
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token (forward + backward)."""
+
+    sparse: float
+    """Counting only the attention blocks the layout computes (per-layer density)."""
+    dense_equivalent: float
+    """The same model with every layer dense (causal): what dense attention would cost."""
+
+    @property
+    def predicted_speedup(self) -> float:
+        """dense_equivalent / sparse: the step-time ratio the FLOPs model predicts."""
+        return self.dense_equivalent / self.sparse
+
+
+def training_flops_per_token(config: TransformerConfig, layout: str, s2: S2AttentionConfig,
+                             seq_length: int, vocab_size: int) -> FlopsPerToken:
+    check_layout(layout, config.num_layers)
+    if seq_length % s2.block_size:
+        raise ValueError(f"seq_length ({seq_length}) must be a multiple of s2.block_size ({s2.block_size})")
+    h, heads, d = config.hidden_size, config.num_attention_heads, config.kv_channels
+    groups = config.num_query_groups or heads
+    mlp_matrices = 3 if config.gated_linear_unit else 2
+    linear = (2 * h * (heads + 2 * groups) * d      # QKV
+              + 2 * heads * d * h                   # output projection
+              + 2 * mlp_matrices * h * config.ffn_hidden_size)
+
+    bs = s2.block_size
+    n = seq_length // bs
+    causal_keys_per_query = n * (n + 1) / 2 * bs * bs / seq_length    # every causal block pair
+    dense_attention = 4 * d * heads * causal_keys_per_query
+    sparse_attention = dense_attention * s2.to_layout(heads, groups).density(seq_length)
+
+    logits = 2 * h * vocab_size
+    num_dense = layout.count(DENSE)
+    num_sparse = len(layout) - num_dense
+    forward_sparse = len(layout) * linear + num_dense * dense_attention + num_sparse * sparse_attention + logits
+    forward_dense = len(layout) * (linear + dense_attention) + logits
+    return FlopsPerToken(sparse=3 * forward_sparse, dense_equivalent=3 * forward_dense)

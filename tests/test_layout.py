@@ -1,0 +1,79 @@
+"""The S2 pattern contract: S2Layout.block_mask against the formula written out per element."""
+import warnings
+
+import pytest
+import torch
+
+from s2attn import S2Layout
+
+
+def formula(layout, i, j, g):
+    if j > i:
+        return False
+    if layout.is_dense_kv_head(g):
+        return True
+    step = layout.head_sliding_step if layout.head_sliding_step is not None else max(1, layout.vert_stride // layout.num_kv_heads)
+    g_eff = 0 if layout.homo_head else g
+    return i - j < layout.local_blocks or (j + g_eff * step + layout.head_sliding_offset) % layout.vert_stride == 0
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_heads=8, num_kv_heads=8, block_size=16, local_blocks=2, vert_stride=4),
+    dict(num_heads=8, num_kv_heads=2, block_size=32, local_blocks=3, vert_stride=4, head_sliding_offset=1),
+    dict(num_heads=8, num_kv_heads=4, block_size=64, local_blocks=1, vert_stride=8, head_sliding_step=3, num_dense_heads=1),
+    dict(num_heads=4, num_kv_heads=4, block_size=16, local_blocks=2, vert_stride=3, homo_head=True),
+])
+@pytest.mark.parametrize("offsets", [(0, 0, 0, None), (5, 2, 2, 4), (3, 0, 2, 2)])
+def test_block_mask_matches_formula(kwargs, offsets):
+    q_off, kv_off, head_off, heads = offsets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layout = S2Layout(**kwargs)
+    heads = min(heads or layout.num_heads, layout.num_heads - head_off)
+    mask = layout.block_mask(9, 11, q_block_offset=q_off, kv_block_offset=kv_off, head_offset=head_off, num_heads=heads)
+    assert mask.shape == (heads, 9, 11) and mask.dtype == torch.bool
+    for h in range(heads):
+        g = (head_off + h) // layout.group_size
+        for i in range(9):
+            for j in range(11):
+                assert bool(mask[h, i, j]) == formula(layout, i + q_off, j + kv_off, g), (h, i, j)
+
+
+def test_phi3_small_layout_and_density():
+    # Phi-3-small: 32 q heads, 8 kv heads, block 64, 16 local blocks, stride 8, offset 1.
+    layout = S2Layout(32, 8, 64, 16, 8, head_sliding_offset=1)
+    assert layout.step == 1 and layout.covers_all_residues()
+    n = 8192 // 64
+    mask = layout.block_mask(n, n)
+    causal = n * (n + 1) // 2
+    assert layout.density(8192) == pytest.approx(mask.sum().item() / (32 * causal))
+    # Kv head 0 with offset 1 uses the blocks j = 7, 15, ... (j + 1) % 8 == 0.
+    assert bool(mask[0, n - 1, 7]) and not bool(mask[0, n - 1, 8])
+    # The union over heads covers every causal block.
+    assert torch.equal(mask.any(0), torch.ones(n, n, dtype=torch.bool).tril())
+
+
+def test_density_of_the_benchmark_setting():
+    # b=1, h=8, block 64, local 8, stride 8, s=16384: 18% of the causal block pairs.
+    assert S2Layout(8, 8, 64, 8, 8).density(16384) == pytest.approx(0.1787, abs=1e-3)
+
+
+def test_warns_when_heads_miss_residues():
+    with pytest.warns(UserWarning, match="do not cover every residue"):
+        S2Layout(4, 4, 64, 4, 16, head_sliding_step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        S2Layout(4, 4, 64, 4, 16, head_sliding_step=1, num_dense_heads=1)   # a dense head covers all
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(block_size=48), "block_size"), (dict(block_size=8), "block_size"),
+    (dict(local_blocks=0), "local_blocks"), (dict(vert_stride=0), "vert_stride"),
+    (dict(num_heads=6, num_kv_heads=4), "num_heads"), (dict(num_dense_heads=5), "num_dense_heads"),
+    (dict(head_sliding_step=-1), "head_sliding_step"),
+])
+def test_bad_layout_names_field_and_value(kwargs, field):
+    args = dict(num_heads=8, num_kv_heads=4, block_size=64, local_blocks=4, vert_stride=4) | kwargs
+    with pytest.raises(ValueError, match=field) as info:
+        S2Layout(**args)
+    assert str(kwargs[next(iter(kwargs))]) in str(info.value)

@@ -1,0 +1,93 @@
+"""The torch backend (and the API around it) against dense float64 masked attention."""
+import pytest
+import torch
+
+from attention_cases import CASES, Case, assert_matches_reference, make_inputs, run
+from s2attn import S2Layout, merge_attention, s2_attention
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 2e-5, 1e-4), (torch.float16, 2e-3, 2e-3)],
+                         ids=["fp32", "fp16"])
+def test_torch_backend_matches_reference(case, dtype, atol, rtol):
+    assert_matches_reference("torch", case, dtype, atol, rtol)
+
+
+def test_queries_that_see_no_key_get_zero_and_neg_inf():
+    case = Case("kv_after_q", s_q=64, s_kv=64, kv_offset=32, block_size=16)
+    out, lse, dq, _, _ = run("torch", case, *make_inputs(case, torch.float32))
+    assert torch.isneginf(lse[:, :, :32]).all() and torch.isfinite(lse[:, :, 32:]).all()
+    assert (out[:, :32] == 0).all() and (dq[:, :32] == 0).all()
+
+
+def test_transposed_megatron_layout_is_accepted():
+    case = Case("sbhd", s_q=96, s_kv=96, batch=2)
+    q, k, v = make_inputs(case, torch.float32)
+    q_sbhd, k_sbhd, v_sbhd = (t.transpose(0, 1).contiguous() for t in (q, k, v))
+    got = s2_attention(q_sbhd.transpose(0, 1), k_sbhd.transpose(0, 1), v_sbhd.transpose(0, 1), case.layout())
+    torch.testing.assert_close(got, s2_attention(q, k, v, case.layout()))
+
+
+def test_fp16_large_logits_stay_finite():
+    case = Case("large", s_q=128, s_kv=128)
+    q, k, v = make_inputs(case, torch.float16, scale=30.0)      # logits in the thousands
+    out, lse, dq, dk, dv = run("torch", case, q, k, v)
+    for t in (out, lse, dq, dk, dv):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_merge_of_disjoint_key_halves_equals_full_attention(backend):
+    case = Case("merge", s_q=128, s_kv=128, heads=4, kv_heads=2)
+    layout = case.layout()
+    q, k, v = (t.requires_grad_() for t in make_inputs(case, torch.float64))
+    full = s2_attention(q, k, v, layout, backend=backend)
+    parts = [s2_attention(q, k[:, lo:hi], v[:, lo:hi], layout, kv_offset=lo, return_lse=True, backend=backend)
+             for lo, hi in ((0, 64), (64, 128))]
+    merged = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(merged, full, atol=1e-6, rtol=1e-6)   # lse is float32
+    grads_full = torch.autograd.grad(full.square().sum(), (q, k, v))
+    grads_merged = torch.autograd.grad(merged.square().sum(), (q, k, v))
+    for gm, gf in zip(grads_merged, grads_full):
+        torch.testing.assert_close(gm, gf, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_keeps_unseen_rows_zero_without_nan():
+    out = torch.zeros(1, 4, 2, 8, requires_grad=True)
+    lse = torch.full((1, 2, 4), float("-inf"), requires_grad=True)
+    merged, merged_lse = merge_attention([out, out], [lse, lse], return_lse=True)
+    assert (merged == 0).all() and torch.isneginf(merged_lse).all()
+    merged.sum().backward()
+    assert not torch.isnan(out.grad).any() and not torch.isnan(lse.grad).any()
+
+
+def test_layout_is_cached_not_rebuilt_per_call():
+    from s2attn.torch_attention import _plan
+    case = Case("cache", s_q=64, s_kv=64)
+    q, k, v = make_inputs(case, torch.float32)
+    layout = case.layout()
+    s2_attention(q, k, v, layout, backend="torch")
+    before = _plan.cache_info()
+    s2_attention(q, k, v, layout, backend="torch")
+    after = _plan.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(k=torch.zeros(1, 32, 4, 16, dtype=torch.float16)), "dtype"),
+    (dict(q=torch.zeros(1, 32, 3, 16)), "multiple of kv heads"),
+    (dict(q=torch.zeros(32, 4, 16)), "4-d"),
+    (dict(q_offset=8), "q_offset"),
+    (dict(kv_offset=-16), "kv_offset"),
+    (dict(head_offset=2, q=torch.zeros(1, 32, 4, 16)), "head_offset"),
+    (dict(backend="cuda"), "backend"),
+    (dict(k=torch.zeros(1, 32, 4, 8), v=torch.zeros(1, 32, 4, 8)), "head_dim"),
+    (dict(q=torch.zeros(1, 32, 4, 16, dtype=torch.long)), "floating point"),
+    (dict(k=torch.zeros(1, 32, 4, 16, device="meta"), v=torch.zeros(1, 32, 4, 16, device="meta")), "device"),
+])
+def test_bad_input_raises_value_error_naming_it(change, field):
+    layout = S2Layout(4, 4, 16, 2, 2)
+    args = dict(q=torch.zeros(1, 32, 4, 16), k=torch.zeros(1, 32, 4, 16), v=torch.zeros(1, 32, 4, 16),
+                layout=layout) | change
+    with pytest.raises(ValueError, match=field):
+        s2_attention(**args)

@@ -1,0 +1,112 @@
+"""A hybrid GPTModel built from the S2 layer specs, in one process (gloo, TP=1, CPU).
+
+Covers: forward + backward, the layer modules following the layout, a sparse layer's output
+against the float64 dense reference with the S2 mask, all-S with a covering window equal to all-D,
+the pipeline-stage slice of the layout, and errors raised before any model is built.
+"""
+import math
+
+import pytest
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_s2 import (DenseCoreAttention, S2AttentionConfig, S2CoreAttention, build_gpt_model,
+                         get_gpt_s2_layer_specs)
+from megatron_s2.parallel import model_parallel_session
+from s2attn.reference import reference_attention
+
+SEQ, VOCAB, BATCH = 128, 96, 2
+S2 = S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_tp1():
+    with model_parallel_session(1):
+        yield
+
+
+def make_config(num_layers, heads=8, groups=4, **kw):
+    base = dict(num_layers=num_layers, hidden_size=64, num_attention_heads=heads, num_query_groups=groups,
+                ffn_hidden_size=128, use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
+    return TransformerConfig(**{**base, **kw})
+
+
+def build(layout, s2=S2, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_gpt_model(make_config(len(layout), **kw), s2, layout, vocab_size=VOCAB,
+                           max_sequence_length=SEQ)
+
+
+def loss_of(model):
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
+    return model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean()
+
+
+def test_hybrid_model_trains_and_follows_layout():
+    layout = "DSSD"
+    model = build(layout, gated_linear_unit=True, activation_func=torch.nn.functional.silu)
+    kinds = [type(layer.self_attention.core_attention) for layer in model.decoder.layers]
+    assert kinds == [DenseCoreAttention, S2CoreAttention, S2CoreAttention, DenseCoreAttention]
+    loss = loss_of(model)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_sparse_layer_matches_float64_reference():
+    model = build("DSD")
+    core = model.decoder.layers[1].self_attention.core_attention
+    seen = {}
+    core.register_forward_hook(lambda mod, args, out: seen.update(qkv=args[:3], out=out))
+    loss_of(model)
+    q, k, v = (t.detach().transpose(0, 1) for t in seen["qkv"])                  # [b, s, h, d]
+    assert q.shape[2] == 8 and k.shape[2] == 4                                    # GQA kept grouped
+    expected, _ = reference_attention(q.double(), k.double(), v.double(), core.layout,
+                                      1 / math.sqrt(q.shape[-1]), 0, 0, 0)
+    got = seen["out"].detach().view(SEQ, BATCH, 8, -1).transpose(0, 1)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+    # The pattern is really sparse here: full causal attention gives another answer.
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+    assert (dense.transpose(1, 2) - got).abs().max() > 1e-3
+
+
+def test_all_sparse_with_covering_window_equals_all_dense():
+    covering = S2AttentionConfig(block_size=16, local_blocks=SEQ // 16, vert_stride=4)
+    sparse, dense = build("SSS", s2=covering, seed=3), build("DDD", s2=covering, seed=3)
+    for p_s, p_d in zip(sparse.parameters(), dense.parameters()):
+        assert torch.equal(p_s, p_d)
+    loss_s, loss_d = loss_of(sparse), loss_of(dense)
+    loss_s.backward()
+    loss_d.backward()
+    torch.testing.assert_close(loss_s, loss_d, rtol=1e-6, atol=0)
+    for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pipeline_stage_keeps_global_layout():
+    config = make_config(4, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    spec = get_gpt_s2_layer_specs(config, S2, "SSDS", use_te=False, pp_rank=1)
+    cores = [s.submodules.self_attention.submodules.core_attention for s in spec.layer_specs]
+    assert len(cores) == 2 and cores[0] is DenseCoreAttention and cores[1].func is S2CoreAttention
+
+
+@pytest.mark.parametrize("layout,kw,match", [
+    ("DSS", {}, r"layout 'DSS' has 3 characters but num_layers is 4"),
+    ("DSQS", {}, r"found \['Q'\]"),
+    ("DSSS", {"use_cpu_initialization": False}, r"use_cpu_initialization must be True"),
+    ("DSSS", {"attention_dropout": 0.1}, r"attention_dropout must be 0"),
+])
+def test_bad_models_fail_with_named_fields(layout, kw, match):
+    if "use_cpu_initialization" in kw and torch.cuda.is_available():
+        pytest.skip("only an error without CUDA")
+    config = make_config(4, **kw)
+    with pytest.raises(ValueError, match=match):
+        build_gpt_model(config, S2, layout, vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def test_bad_sequence_length_fails_before_build():
+    with pytest.raises(ValueError, match=r"seq_length \(120\) must be a positive multiple of s2.block_size = 16"):
+        build_gpt_model(make_config(2), S2, "SD", vocab_size=VOCAB, max_sequence_length=120)

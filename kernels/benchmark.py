@@ -1,0 +1,157 @@
+"""Measuring S2 attention against its peers: dense causal SDPA and FlexAttention on the same mask.
+
+Library side of ``scripts/bench_attention.py``: the timing loop, the FLOPs that the computed blocks
+cost, the peers, and the peak memory of one forward+backward (CUDA allocator high-water mark on a
+GPU; the peak resident set of a fresh child process on the CPU, where torch has no allocator stats).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .api import s2_attention
+from .layout import S2Layout
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One benchmark point."""
+    batch: int
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str          # "float32" | "float16" | "bfloat16"
+    device: str         # "cpu" | "cuda"
+
+    def inputs(self, requires_grad: bool = True, seed: int = 0):
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        dtype = getattr(torch, self.dtype)
+        q = torch.randn(self.batch, self.seq_len, self.heads, self.head_dim, generator=gen, device=self.device, dtype=dtype)
+        k, v = (torch.randn(self.batch, self.seq_len, self.kv_heads, self.head_dim, generator=gen, device=self.device,
+                            dtype=dtype) for _ in range(2))
+        return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def attention_flops(layout: S2Layout | None, shape: AttentionShape) -> tuple[float, float]:
+    """(forward, backward) matmul FLOPs over the token pairs actually computed; None: dense causal."""
+    s = shape.seq_len
+    if layout is None:
+        pairs_per_head = s * (s + 1) / 2 * shape.heads
+    else:
+        bs = layout.block_size
+        n = -(-s // bs)
+        mask = layout.block_mask(n, n)
+        diagonal = mask.diagonal(dim1=1, dim2=2).sum().item()
+        pairs_per_head = (mask.sum().item() - diagonal) * bs * bs + diagonal * bs * (bs + 1) / 2
+    forward = 4.0 * shape.batch * shape.head_dim * pairs_per_head
+    return forward, 2.5 * forward
+
+
+def sdpa_causal(q, k, v):
+    """Dense causal attention with PyTorch's fused SDPA (flash on GPU); [b, s, h, d] in and out."""
+    q_bhsd, k_bhsd, v_bhsd = (t.transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q_bhsd, k_bhsd, v_bhsd, is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def flex_attention_fn(layout: S2Layout, seq_len: int, device: str):
+    """A compiled FlexAttention with the S2 block mask (mask granularity = layout.block_size)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    bs, group = layout.block_size, layout.group_size
+    residue = torch.tensor([layout.strided_residue(g) for g in range(layout.num_kv_heads)], device=device)
+    dense = torch.tensor([layout.is_dense_kv_head(g) for g in range(layout.num_kv_heads)], device=device)
+
+    def s2_mask(b, h, q_idx, kv_idx):
+        i, j, g = q_idx // bs, kv_idx // bs, h // group
+        local = (i - j) < layout.local_blocks
+        return (kv_idx <= q_idx) & (local | (j % layout.vert_stride == residue[g]) | dense[g])
+
+    block_mask = create_block_mask(s2_mask, None, layout.num_heads, seq_len, seq_len, device=device, BLOCK_SIZE=bs)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v):
+        out = compiled(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=block_mask,
+                       enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+    return run
+
+
+def s2_fn(layout: S2Layout, backend: str):
+    return lambda q, k, v: s2_attention(q, k, v, layout, backend=backend)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_attention(fn, shape: AttentionShape, repeats: int, backward: bool = True) -> dict:
+    """Median seconds of forward, backward and forward+backward (after one warm-up call)."""
+    q, k, v = shape.inputs(requires_grad=backward)
+    fwd, bwd = [], []
+    for it in range(repeats + 1):
+        for t in (q, k, v):
+            t.grad = None
+        _sync(shape.device)
+        start = time.perf_counter()
+        out = fn(q, k, v)
+        _sync(shape.device)
+        mid = time.perf_counter()
+        if backward:
+            out.backward(torch.ones_like(out))
+            _sync(shape.device)
+        end = time.perf_counter()
+        if it:                                   # the first call compiles / warms caches
+            fwd.append(mid - start)
+            bwd.append(end - mid)
+        del out
+    result = {"forward_s": statistics.median(fwd)}
+    if backward:
+        result["backward_s"] = statistics.median(bwd)
+        result["fwd_bwd_s"] = statistics.median(f + b for f, b in zip(fwd, bwd))
+    return result
+
+
+def _peak_rss_child(layout: S2Layout, backend: str, shape: AttentionShape, pipe) -> None:
+    q, k, v = shape.inputs()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = s2_attention(q, k, v, layout, backend=backend)
+    out.backward(torch.ones_like(out))
+    pipe.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
+def peak_memory_bytes(layout: S2Layout, backend: str, shape: AttentionShape) -> int:
+    """Extra memory one forward+backward needs beyond its inputs."""
+    if shape.device == "cuda":
+        q, k, v = shape.inputs()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = s2_attention(q, k, v, layout, backend=backend)
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_peak_rss_child, args=(layout, backend, shape, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return value
+
+
+def tflops(flops: float, seconds: float) -> float:
+    return flops / seconds / 1e12 if seconds > 0 and math.isfinite(seconds) else float("nan")
+
+
+def describe(layout: S2Layout, shape: AttentionShape) -> dict:
+    return {"shape": asdict(shape), "layout": asdict(layout), "density": layout.density(shape.seq_len)}

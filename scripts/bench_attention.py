@@ -1,0 +1,103 @@
+"""Benchmark S2 attention against dense causal SDPA and FlexAttention on the same block mask.
+
+    python scripts/bench_attention.py --preset cpu            # issue figures on 2 CPU cores
+    python scripts/bench_attention.py --preset gpu            # b=4 h=16 d=128 bf16, 32k and 64k
+    python scripts/bench_attention.py --preset cpu --seq-lens 4096 --memory-seq-len 0 --repeats 1
+
+Prints a table and writes JSON (every timing, density, speed-up over SDPA, TFLOP/s on the blocks
+each method computes). On the CPU FlexAttention has no backward: it is timed forward only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from s2attn import S2Layout
+from s2attn.benchmark import (AttentionShape, attention_flops, describe, flex_attention_fn, peak_memory_bytes,
+                              s2_fn, sdpa_causal, tflops, time_attention)
+
+PRESETS = {
+    "cpu": dict(shape=AttentionShape(1, 16384, 8, 8, 64, "float32", "cpu"), seq_lens=[16384],
+                layout=dict(block_size=64, local_blocks=8, vert_stride=8), memory_seq_len=32768),
+    "gpu": dict(shape=AttentionShape(4, 32768, 16, 16, 128, "bfloat16", "cuda"), seq_lens=[32768, 65536],
+                layout=dict(block_size=64, local_blocks=8, vert_stride=16), memory_seq_len=65536),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seq-lens", type=int, nargs="+", help="override the preset's sequence lengths")
+    p.add_argument("--vert-stride", type=int, help="override the preset's stride (1: dense pattern)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-seq-len", type=int, help="peak memory of one S2 fwd+bwd at this length (0: skip)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--json", type=Path, default=Path("bench_attention.json"))
+    return p.parse_args(argv)
+
+
+def methods(layout: S2Layout, shape: AttentionShape, use_flex: bool):
+    """(name, fn, computes-the-S2-mask, has-backward) for every method available here."""
+    backends = ["triton", "torch"] if shape.device == "cuda" else ["torch"]
+    out = [("sdpa_causal", sdpa_causal, False, True)]
+    out += [(f"s2_{b}", s2_fn(layout, b), True, True) for b in backends]
+    if use_flex:
+        out.append(("flex_attention", flex_attention_fn(layout, shape.seq_len, shape.device), True,
+                    shape.device == "cuda"))
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    base = preset["shape"]
+    layout_kwargs = dict(preset["layout"]) | ({"vert_stride": args.vert_stride} if args.vert_stride else {})
+    layout = S2Layout(base.heads, base.kv_heads, **layout_kwargs)
+    report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
+                          "platform": platform.platform(), "threads": torch.get_num_threads(),
+                          "device": torch.cuda.get_device_name() if base.device == "cuda" else platform.processor()},
+              "runs": []}
+    header = f"{'seq':>7} {'method':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'x sdpa f+b':>10} {'x sdpa fwd':>10} {'TFLOP/s':>8}"
+    print(header)
+    for seq_len in args.seq_lens or preset["seq_lens"]:
+        shape = replace(base, seq_len=seq_len)
+        flops_sparse, flops_dense = attention_flops(layout, shape), attention_flops(None, shape)
+        print(f"# seq {seq_len}: density {layout.density(seq_len):.3f}, "
+              f"{flops_dense[0] / flops_sparse[0]:.2f}x fewer forward FLOPs than dense causal")
+        results = {}
+        for name, fn, sparse, has_backward in methods(layout, shape, not args.no_flex):
+            timing = time_attention(fn, shape, args.repeats, backward=has_backward)
+            fwd_flops, bwd_flops = flops_sparse if sparse else flops_dense
+            timing["tflops_fwd_bwd" if has_backward else "tflops_fwd"] = tflops(
+                fwd_flops + (bwd_flops if has_backward else 0), timing["fwd_bwd_s" if has_backward else "forward_s"])
+            results[name] = timing
+        ref = results["sdpa_causal"]
+        for name, timing in results.items():
+            timing["speedup_fwd_vs_sdpa"] = ref["forward_s"] / timing["forward_s"]
+            if "fwd_bwd_s" in timing:
+                timing["speedup_fwd_bwd_vs_sdpa"] = ref["fwd_bwd_s"] / timing["fwd_bwd_s"]
+            ms = lambda key: f"{timing[key] * 1e3:9.1f}" if key in timing else f"{'-':>9}"
+            ratio = lambda key: f"{timing[key]:10.2f}" if key in timing else f"{'-':>10}"
+            tf = timing.get("tflops_fwd_bwd", timing.get("tflops_fwd"))
+            print(f"{seq_len:>7} {name:<16} {ms('forward_s')} {ms('backward_s')} {ms('fwd_bwd_s')} "
+                  f"{ratio('speedup_fwd_bwd_vs_sdpa')} {ratio('speedup_fwd_vs_sdpa')} {tf:8.3f}")
+        report["runs"].append(describe(layout, shape) | {"results": results})
+    memory_seq = preset["memory_seq_len"] if args.memory_seq_len is None else args.memory_seq_len
+    if memory_seq:
+        backend = "triton" if base.device == "cuda" else "torch"
+        peak = peak_memory_bytes(layout, backend, replace(base, seq_len=memory_seq))
+        report["peak_memory"] = {"seq_len": memory_seq, "backend": backend, "bytes": peak}
+        print(f"# peak memory of one s2_{backend} forward+backward at seq {memory_seq}: {peak / 2**20:.0f} MiB")
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""The pretraining launcher: Hydra config schemas, data, the training loop, checkpoints, metrics.
+
+    from megatron_s2.training import register_configs, validate, pretrain
+
+The trainer builds on the model side (``megatron_s2``); the model side never imports it.
+"""
+from .config import PretrainConfig, register_configs, validate
+from .loop import pretrain
+
+__all__ = ["PretrainConfig", "register_configs", "validate", "pretrain"]

@@ -1,0 +1,143 @@
+"""Atomic Megatron-Core dist_checkpointing saves, resume from the newest complete one, RNG state.
+
+A checkpoint is ``<checkpoint_dir>/iter_0000123/``: the sharded state (model, optimizer) and the
+common state (scheduler, data position) in Megatron's torch_dist format, one RNG state per rank
+(a ShardedObject), and ``run.json`` (iteration, layout, S2 config, model shape, parallel sizes).
+All ranks write into ``tmp_iter_0000123/``; rank 0 renames it when every rank is done. A save
+killed half way leaves only a ``tmp_`` directory, which resume ignores and the next save deletes.
+
+The torch_dist writer that Megatron ships forks writer processes and starts a multiprocessing
+manager; ``SyncTorchDistSaveStrategy`` writes the same format from the calling thread instead
+(Megatron's own key translation and planner, torch's FileSystemWriter), on CPU and GPU alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+META_FILE = "run.json"
+
+
+class SyncTorchDistSaveStrategy(SaveShardedStrategy):
+    """Megatron's torch_dist format, written synchronously by the calling thread."""
+
+    def __init__(self) -> None:
+        super().__init__("torch_dist", 1)
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, keep_only_main_replica=True)
+        dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, is_loading=False),
+                 storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+
+
+def iter_dir(checkpoint_dir: str, iteration: int) -> str:
+    return os.path.join(checkpoint_dir, f"iter_{iteration:07d}")
+
+
+def complete_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """(iteration, path) of every complete checkpoint, oldest first."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoint_dir):
+        match = _ITER_DIR.match(name)
+        path = os.path.join(checkpoint_dir, name)
+        if match and os.path.isfile(os.path.join(path, META_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    found = complete_checkpoints(checkpoint_dir)
+    return found[-1][1] if found else None
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META_FILE)) as f:
+        return json.load(f)
+
+
+def check_compatible(saved: dict, current: dict, path: str) -> None:
+    """Refuse to resume a run whose layout, S2 config or model shape differs from the checkpoint."""
+    for key, what in (("layout", "attention.layout"), ("s2", "attention.s2"), ("model", "model")):
+        if saved[key] != current[key]:
+            raise ValueError(f"checkpoint {path} was saved with {what}={saved[key]}, but this run has "
+                             f"{what}={current[key]}; use a new checkpoint.dir (or run.dir) to start "
+                             "a different model")
+
+
+def save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: dict, meta: dict,
+                    keep_last: int) -> str:
+    """Save atomically on every rank (collective); keep the newest ``keep_last``. Returns the path."""
+    final = iter_dir(checkpoint_dir, iteration)
+    tmp = os.path.join(checkpoint_dir, "tmp_" + os.path.basename(final))
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        for name in os.listdir(checkpoint_dir):
+            if name.startswith("tmp_iter_"):
+                shutil.rmtree(os.path.join(checkpoint_dir, name))
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=SyncTorchDistSaveStrategy())
+    if rank == 0:
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({**meta, "iteration": iteration}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):        # saved before at this iteration (a resumed run's end)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, sharded_state_dict: dict) -> dict:
+    """Load into the given template (collective); returns the filled state dict."""
+    return dist_checkpointing.load(sharded_state_dict, path)
+
+
+# -- RNG state, one per rank ---------------------------------------------------------------------
+
+def rng_sharded_object(world_size: int, rank: int, state: dict | None = None) -> ShardedObject:
+    """This rank's RNG state as a ShardedObject (a template when ``state`` is None)."""
+    return ShardedObject("rng_state", state, (world_size,), (rank,), replica_id=0)
+
+
+def get_rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,368 @@
+"""The pretraining config: one dataclass per component, registered in Hydra's ConfigStore.
+
+Hydra composes a recipe from ``recipes/`` over these schemas, so typos and wrong types fail at
+composition, naming the key (``full_key: model.nmu_layers``). ``validate`` then checks every
+combination once, before any process group or model exists, and returns the typed config.
+
+Stable keys (others rely on them): model.*, attention.layout, attention.s2.*, parallel.tp/cp/pp,
+train.iters, train.seq_length, train.micro_batch_size, train.global_batch_size, run.dir,
+checkpoint.dir, checkpoint.interval, logging.interval, logging.wandb.mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
+
+
+# The S2 pattern's schema is S2AttentionConfig's own fields, unfrozen so that recipes and
+# command-line overrides can set them; validate() turns it into an S2AttentionConfig.
+S2Schema = dataclasses.make_dataclass(
+    "S2Schema", [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(S2AttentionConfig)])
+
+
+class Device(Enum):
+    auto = "auto"      # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Enum):
+    auto = "auto"      # bf16 on cuda, fp32 on cpu
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LrDecayStyle(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class WandbMode(Enum):
+    auto = "auto"      # online when an API key is configured, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, optional GQA, no biases."""
+
+    num_layers: int = 4
+    """Transformer layers (attention.layout has one character per layer)."""
+    hidden_size: int = 128
+    """Model width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads (GQA); None means num_attention_heads (MHA)."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP width; None means Megatron's default of 4 * hidden_size."""
+    swiglu: bool = True
+    """Gated SiLU MLP (Llama) instead of GELU."""
+    rotary_base: int = 10000
+    """RoPE base (Llama 3 uses 500000 for long contexts)."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (the S2 kernels take none: keep 0)."""
+    make_vocab_size_divisible_by: int = 128
+    """The tokenizer's vocabulary is padded to a multiple of this times parallel.tp."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the output layer."""
+
+
+@dataclass
+class AttentionConfig:
+    """Which layers are S2-sparse and the S2 pattern they share."""
+
+    layout: Optional[str] = None
+    """One character per layer, S (S2-sparse) or D (dense), e.g. DSSS. None: use the shorthands
+    below; validate() replaces it with the resolved string."""
+    dense_every: Optional[int] = None
+    """Shorthand: every dense_every-th layer is dense (see megatron_s2.resolve_hybrid_layout)."""
+    dense_layers: Optional[List[int]] = None
+    """Shorthand: these 0-based layers are dense, the rest sparse."""
+    s2: S2Schema = field(default_factory=S2Schema)
+    """The S2 block pattern of the sparse layers (fields of megatron_s2.S2AttentionConfig)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallel sizes; data parallel size = world size / (tp * cp * pp)."""
+
+    tp: int = 1
+    """Tensor parallel size."""
+    cp: int = 1
+    """Context parallel size (sequence split over ranks)."""
+    pp: int = 1
+    """Pipeline parallel size (GPU path only)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism with tp > 1 (GPU path only)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW with linear warmup then decay (Megatron's OptimizerParamScheduler)."""
+
+    iters: int = 300
+    """Optimizer steps of the whole run (a resumed run continues up to this number)."""
+    seq_length: int = 256
+    """Tokens per sample."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step = micro_batch_size * dp * accumulation steps."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+    warmup_iters: int = 20
+    """Linear warmup steps from 0 to lr."""
+    lr_decay_iters: Optional[int] = None
+    """Steps over which lr decays to min_lr; None means train.iters."""
+    lr_decay_style: LrDecayStyle = LrDecayStyle.cosine
+    """Decay after warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    eval_interval: int = 100
+    """Validation loss every this many steps (and at the end); 0 disables validation."""
+    eval_iters: int = 4
+    """Global batches of the validation set per evaluation."""
+    seed: int = 1234
+    """Seed of weights, data order and every rank's RNG."""
+    device: Device = Device.auto
+    """cpu: our gloo path (fp32); cuda: Megatron DDP + distributed optimizer."""
+    precision: Precision = Precision.auto
+    """Parameter/compute precision."""
+
+
+@dataclass
+class DataConfig:
+    """Megatron indexed datasets (.bin/.idx, made by scripts/prepare_data.py)."""
+
+    prefixes: List[str] = field(default_factory=list)
+    """Dataset path prefixes (without .bin/.idx). Empty: the embedded default, the Python
+    standard library's source files, prepared on first use under data.cache_dir."""
+    weights: Optional[List[float]] = None
+    """Blend weights, one per prefix; None weighs by size."""
+    split: str = "98,2,0"
+    """train,valid,test split of the blend (ignored when valid_prefixes is set)."""
+    valid_prefixes: List[str] = field(default_factory=list)
+    """Separate validation datasets; when set, all of data.prefixes is training data."""
+    tokenizer: str = "byte"
+    """'byte' (built in, no files) or a local Hugging Face tokenizer directory; must match the
+    one the datasets were prepared with."""
+    cache_dir: str = "${oc.env:MEGATRON_S2_CACHE,'~/.cache/megatron_s2'}"
+    """Where the embedded dataset and Megatron's sample indices are cached."""
+
+
+@dataclass
+class RunConfig:
+    """Where a run's outputs go (fixed, so every rank agrees)."""
+
+    name: str = "tiny"
+    """Run name (wandb name too)."""
+    dir: str = "runs/${run.name}"
+    """Resolved config, metrics.jsonl, checkpoints (unless checkpoint.dir), wandb files."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron-Core dist_checkpointing saves."""
+
+    dir: Optional[str] = None
+    """Checkpoint directory; None means <run.dir>/checkpoints."""
+    interval: int = 0
+    """Save every this many steps; 0 saves only at the end (and on SIGTERM)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a successful save."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in checkpoint.dir when there is one."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases; never prompts, never blocks on the network in offline mode."""
+
+    mode: WandbMode = WandbMode.auto
+    project: str = "megatron-s2"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and wandb, from rank 0 only."""
+
+    interval: int = 10
+    """One console line / metrics record every this many steps."""
+    peak_tflops_per_device: Optional[float] = None
+    """Peak TFLOP/s for MFU; None looks up known GPUs (bf16 dense) and reports no MFU on CPU."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class PretrainConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # Derived by validate(); not settable from a recipe.
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
+
+
+def register_configs() -> None:
+    """Store the schema as ``pretrain_schema``; recipes list it first in their defaults."""
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def data_parallel_size(cfg: PretrainConfig, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp)
+
+
+def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) -> PretrainConfig:
+    """Check every combination once and return the typed config with derived fields filled in:
+    attention.layout (resolved S/D string), train.device / train.precision (never auto),
+    train.lr_decay_iters, run.dir and data.cache_dir (absolute). ValueError names field and value.
+
+    world_size defaults to $WORLD_SIZE (torchrun) or 1.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    cfg.attention.s2 = S2AttentionConfig(**dataclasses.asdict(cfg.attention.s2))   # its own checks
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    m, a, p, t, d = cfg.model, cfg.attention, cfg.parallel, cfg.train, cfg.data
+
+    positive = {"model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+                "model.num_attention_heads": m.num_attention_heads, "parallel.tp": p.tp,
+                "parallel.cp": p.cp, "parallel.pp": p.pp, "train.iters": t.iters,
+                "train.seq_length": t.seq_length, "train.micro_batch_size": t.micro_batch_size,
+                "train.global_batch_size": t.global_batch_size, "logging.interval": cfg.logging.interval,
+                "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by}
+    for name, value in positive.items():
+        _require(value >= 1, f"{name} must be >= 1, got {value}")
+    for name, value in {"train.warmup_iters": t.warmup_iters, "train.eval_interval": t.eval_interval,
+                        "train.eval_iters": t.eval_iters, "checkpoint.interval": cfg.checkpoint.interval,
+                        "train.clip_grad": t.clip_grad, "train.weight_decay": t.weight_decay,
+                        "train.min_lr": t.min_lr}.items():
+        _require(value >= 0, f"{name} must be >= 0, got {value}")
+    _require(t.lr >= t.min_lr, f"train.lr ({t.lr}) must be >= train.min_lr ({t.min_lr})")
+    if m.num_query_groups is None:
+        m.num_query_groups = m.num_attention_heads
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be a multiple of model.num_attention_heads "
+             f"({m.num_attention_heads})")
+
+    # Parallel layout and batch arithmetic.
+    model_parallel = p.tp * p.cp * p.pp
+    _require(world_size % model_parallel == 0,
+             f"world size ({world_size}) must be a multiple of parallel.tp * parallel.cp * parallel.pp "
+             f"({p.tp} * {p.cp} * {p.pp} = {model_parallel})")
+    dp = world_size // model_parallel
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+             f"train.micro_batch_size ({t.micro_batch_size}) * data parallel size ({dp} = world size "
+             f"{world_size} / (tp*cp*pp))")
+    _require(p.pp == 1 or m.num_layers % p.pp == 0,
+             f"model.num_layers ({m.num_layers}) must be a multiple of parallel.pp ({p.pp})")
+
+    # Device and precision.
+    if t.device == Device.auto:
+        t.device = Device.cuda if cuda_available() else Device.cpu
+    _require(t.device != Device.cuda or cuda_available(),
+             "train.device is cuda but torch sees no CUDA device")
+    if t.precision == Precision.auto:
+        t.precision = Precision.bf16 if t.device == Device.cuda else Precision.fp32
+    if t.device == Device.cpu:
+        _require(t.precision == Precision.fp32,
+                 f"train.precision ({t.precision.value}) must be fp32 on the cpu path")
+        _require(p.pp == 1, f"parallel.pp ({p.pp}) > 1 needs the cuda path (Megatron's pipeline "
+                            "schedules); the cpu path supports tp, cp and dp")
+        _require(not p.sequence_parallel, "parallel.sequence_parallel needs the cuda path")
+    _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+
+    # Schedule.
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = t.iters
+    _require(t.warmup_iters < t.lr_decay_iters,
+             f"train.warmup_iters ({t.warmup_iters}) must be < train.lr_decay_iters ({t.lr_decay_iters})")
+
+    # The hybrid model: layout and every model/parallel check that needs no process group.
+    a.layout = resolve_hybrid_layout(m.num_layers, layout=a.layout, dense_every=a.dense_every,
+                                     dense_layers=a.dense_layers)
+    validate_hybrid_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                          num_query_groups=m.num_query_groups, tensor_model_parallel_size=p.tp,
+                          seq_length=t.seq_length, s2=a.s2, layout=a.layout,
+                          context_parallel_size=p.cp)
+
+    # Data.
+    _require(d.weights is None or len(d.weights) == len(d.prefixes),
+             f"data.weights ({d.weights}) must have one weight per data.prefixes entry "
+             f"({len(d.prefixes)})")
+    _require(not d.valid_prefixes or d.prefixes,
+             "data.valid_prefixes needs data.prefixes (training data) too")
+    for key, prefixes in (("data.prefixes", d.prefixes), ("data.valid_prefixes", d.valid_prefixes)):
+        for i, prefix in enumerate(prefixes):
+            for ext in (".bin", ".idx"):
+                _require(os.path.isfile(prefix + ext),
+                         f"{key}[{i}] ({prefix!r}): {prefix + ext} does not exist "
+                         "(make it with scripts/prepare_data.py)")
+    _require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer),
+             f"data.tokenizer ({d.tokenizer!r}) must be 'byte' or a local tokenizer directory")
+    d.cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir))
+    cfg.run.dir = os.path.abspath(cfg.run.dir)
+    if cfg.checkpoint.dir is not None:
+        cfg.checkpoint.dir = os.path.abspath(cfg.checkpoint.dir)
+    _require(cfg.logging.peak_tflops_per_device is None or cfg.logging.peak_tflops_per_device > 0,
+             f"logging.peak_tflops_per_device must be > 0, got {cfg.logging.peak_tflops_per_device}")
+    return cfg
+
+
+def to_plain_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    """JSON/YAML-friendly nested dict (enums as their values)."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(cfg)

@@ -1,0 +1,203 @@
+"""One optimizer step over a list of micro batches: the CPU path and the GPU path.
+
+Both take the same model (megatron_s2.build_gpt_model), the same batches (already sliced for this
+context-parallel rank) and the same loss: per micro batch the mean over its loss-masked tokens,
+divided by the number of micro batches; gradients are averaged over the data-parallel x context-
+parallel group. Both return the global mean loss (token-weighted over every rank's micro batches)
+and the gradient norm before clipping.
+
+- ``CpuEngine`` (gloo, fp32; tested): plain torch AdamW, a flattened gradient all-reduce, a global
+  norm over tensor-parallel shards (duplicated parameters counted once), clipping. Optimizer state
+  goes into dist checkpoints through Megatron's helpers, sharded like the parameters it belongs to.
+- ``GpuEngine`` (CUDA, bf16; NOT exercised by the test suite, which has no GPU): Megatron-Core's
+  DistributedDataParallel, distributed optimizer (which clips) and forward-backward schedules,
+  pipeline schedules included when pp > 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                        optim_state_to_sharding_state)
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from .config import PretrainConfig, Precision
+
+
+def _forward_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_sum, num_tokens, per-token loss [b, s]) of one micro batch."""
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"]
+    return (per_token.float() * mask).sum(), mask.sum(), per_token
+
+
+def reduce_loss(loss_sum_tokens: torch.Tensor) -> float:
+    """Global mean loss from this rank's [loss_sum, num_tokens] (zeros off the last pp stage)."""
+    dist.all_reduce(loss_sum_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(loss_sum_tokens, group=parallel_state.get_pipeline_model_parallel_group())
+    total, tokens = loss_sum_tokens.tolist()
+    return total / max(tokens, 1.0)
+
+
+class CpuEngine:
+    """fp32 training on gloo with a plain torch optimizer."""
+
+    def __init__(self, model: torch.nn.Module, cfg: PretrainConfig) -> None:
+        t = cfg.train
+        self.model = self.module = model
+        self.clip_grad = t.clip_grad
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # No weight decay on norms and biases (wd_mult is read by Megatron's scheduler).
+        decay = [p for p in self.params if p.dim() > 1]
+        no_decay = [p for p in self.params if p.dim() <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}],
+            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.mp_group = parallel_state.get_model_parallel_group()
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
+        self.model.train()
+        for p in self.params:
+            p.grad = None
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in micro_batches:
+            loss_sum, tokens, _ = _forward_loss(self.model, batch)
+            (loss_sum / tokens.clamp(min=1) / len(micro_batches)).backward()
+            totals += torch.stack([loss_sum.detach(), tokens]).double()
+        self._all_reduce_grads()
+        grad_norm = self._clip_grads()
+        loss = reduce_loss(totals)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise FloatingPointError(f"non-finite loss ({loss}) or grad norm ({grad_norm}); "
+                                     "stopping before the optimizer step")
+        self.optimizer.step()
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[dict]) -> float:
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in micro_batches:
+            loss_sum, tokens, _ = _forward_loss(self.model, batch)
+            totals += torch.stack([loss_sum, tokens]).double()
+        return reduce_loss(totals)
+
+    def _all_reduce_grads(self) -> None:
+        size = dist.get_world_size(self.dp_group)
+        if size == 1:
+            return
+        grads = [p.grad for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def _clip_grads(self) -> float:
+        """Global L2 norm (over TP/PP shards, duplicates once); scale grads down to clip_grad."""
+        squares = sum((p.grad.double().square().sum() for p in self.params
+                       if param_is_not_tensor_parallel_duplicate(p)), torch.zeros((), dtype=torch.float64))
+        dist.all_reduce(squares, group=self.mp_group)
+        norm = squares.sqrt().item()
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            for p in self.params:
+                p.grad.mul_(self.clip_grad / (norm + 1e-6))
+        return norm
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def optimizer_sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool) -> dict:
+        """AdamW state sharded like the parameters (Megatron's helpers); one shared step."""
+        if is_loading:      # a template needs every state tensor to exist
+            for p in self.params:
+                self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                           "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        state = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values()}
+        id_map = get_param_id_to_sharded_param_map(
+            model_sharded_state_dict, (p for g in self.optimizer.param_groups for p in g["params"]))
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        state["state"]["common_step"] = steps.pop() if steps else 0.0
+        return state
+
+    def load_optimizer_state(self, loaded: dict) -> None:
+        step = loaded["state"].pop("common_step")
+        state = {i: {**s, "step": torch.tensor(float(step))} for i, s in loaded["state"].items()}
+        self.optimizer.load_state_dict({"state": state,
+                                        "param_groups": self.optimizer.state_dict()["param_groups"]})
+
+
+class GpuEngine:
+    """Megatron-Core DDP + distributed optimizer + forward-backward schedules (untested here)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: PretrainConfig, transformer_config) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        t = cfg.train
+        self.seq_length, self.micro_batch_size = t.seq_length, t.micro_batch_size
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=True,
+                                                   check_for_nan_in_grad=True)
+        self.module = model
+        self.model = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=model)
+        bf16 = t.precision == Precision.bf16
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                            clip_grad=t.clip_grad, bf16=bf16,
+                            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                            use_distributed_optimizer=True),
+            [self.model])
+
+    def _run(self, micro_batches: list[dict], forward_only: bool) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+            def loss_func(output_tensor):
+                # (sum, tokens, report): Megatron divides by this rank's tokens and micro batches.
+                mask = batch["loss_mask"]
+                loss_sum, tokens = (output_tensor.float() * mask).sum(), mask.sum()
+                return loss_sum, tokens.int(), {"lm loss": torch.stack([loss_sum.detach(), tokens])}
+            return per_token, loss_func
+
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=self.seq_length // parallel_state.get_context_parallel_world_size(),
+            micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+        totals = torch.zeros(2, dtype=torch.float64, device="cuda")
+        for report in reports:      # empty off the last pipeline stage
+            totals += report["lm loss"].double()
+        return reduce_loss(totals)
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._run(micro_batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"the optimizer skipped its step (loss {loss})")
+        return loss, float(grad_norm)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[dict]) -> float:
+        self.model.eval()
+        return self._run(micro_batches, forward_only=True)
+
+    def optimizer_sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool) -> dict:
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
+
+    def load_optimizer_state(self, loaded: dict) -> None:
+        self.optimizer.load_state_dict(loaded)

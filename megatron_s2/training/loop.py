@@ -1,0 +1,254 @@
+"""The pretraining loop: process groups, model, data, resume, steps, validation, checkpoints.
+
+``pretrain(cfg)`` takes a config that ``validate`` returned and runs to ``train.iters``. Data
+position, iteration, optimizer, scheduler and RNG come back from the newest complete checkpoint,
+so a resumed run continues exactly where the saved one was. SIGTERM (e.g. from torchrun or SLURM)
+finishes the current step, saves, and returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from megatron_s2 import build_gpt_model, training_flops_per_token
+
+from . import checkpoint as ckpt
+from .config import Device, PretrainConfig, Precision, to_plain_dict
+from .data import build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start
+from .engine import CpuEngine, GpuEngine
+from .metrics import MetricsLogger
+
+
+def init_distributed(cfg: PretrainConfig, timeout_s: float = 600.0) -> torch.device:
+    """torchrun's environment, or a single-process group with an in-memory store (no port)."""
+    cuda = cfg.train.device == Device.cuda
+    backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp,
+                                             pipeline_model_parallel_size=p.pp,
+                                             context_parallel_size=p.cp)
+    return device
+
+
+def seed_everything(seed: int, cuda: bool) -> None:
+    """The same seed on every rank: weights are built whole and sliced (use_cpu_initialization on
+    CPU) or from Megatron's TP-aware CUDA RNG tracker, so any TP size starts from one model."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if cuda:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(cfg: PretrainConfig) -> TransformerConfig:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    bf16 = t.precision == Precision.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm", gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=False,
+        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp, context_parallel_size=p.cp,
+        pipeline_model_parallel_size=p.pp, sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
+        use_cpu_initialization=t.device == Device.cpu)
+
+
+def padded_vocab_size(vocab_size: int, cfg: PretrainConfig) -> int:
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def run_meta(cfg: PretrainConfig, world_size: int) -> dict:
+    """What a checkpoint records about the run (resume refuses a different layout/S2/model)."""
+    return {"layout": cfg.attention.layout, "s2": dataclasses.asdict(cfg.attention.s2),
+            "model": to_plain_dict(cfg.model),
+            "parallel": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "pp": cfg.parallel.pp},
+            "world_size": world_size}
+
+
+class _SigtermFlag:
+    """Set by SIGTERM; checked (and agreed on by all ranks) after each step."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.set else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train; returns {"iteration", "loss", "val_loss", "checkpoint", "stopped_by_sigterm"}."""
+    device = init_distributed(cfg)
+    sigterm = _SigtermFlag()
+    try:
+        return _train(cfg, device, sigterm)
+    finally:
+        sigterm.restore()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> dict:
+    t = cfg.train
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    accumulation = t.global_batch_size // (t.micro_batch_size * dp_size)
+    seed_everything(t.seed, device.type == "cuda")
+
+    # Data (the embedded default is prepared once, by rank 0).
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    prefixes = list(cfg.data.prefixes)
+    if not prefixes:
+        if rank == 0:
+            default_dataset(cfg.data.cache_dir, tokenizer)
+        dist.barrier()
+        prefixes = [default_dataset(cfg.data.cache_dir, tokenizer)]
+    num_evals = t.iters // t.eval_interval + 1 if t.eval_interval else 0
+    train_ds, valid_ds = build_datasets(
+        prefixes, cfg.data.weights, list(cfg.data.valid_prefixes), cfg.data.split, tokenizer,
+        seq_length=t.seq_length, seed=t.seed, num_train_samples=t.iters * t.global_batch_size,
+        num_valid_samples=t.eval_iters * t.global_batch_size if num_evals else 0,
+        cache_dir=cfg.data.cache_dir)
+
+    # Model, optimizer, schedule.
+    config = transformer_config(cfg)
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg)
+    pp_rank, pp_size = (parallel_state.get_pipeline_model_parallel_rank(),
+                        parallel_state.get_pipeline_model_parallel_world_size())
+    model = build_gpt_model(config, cfg.attention.s2, cfg.attention.layout, vocab_size=vocab_size,
+                            max_sequence_length=t.seq_length, rotary_base=cfg.model.rotary_base,
+                            pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
+                            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights)
+    model.to(device)
+    engine = CpuEngine(model, cfg) if device.type == "cpu" else GpuEngine(model, cfg, config)
+    scheduler = OptimizerParamScheduler(
+        engine.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters,
+        lr_decay_steps=t.lr_decay_iters, lr_decay_style=t.lr_decay_style.value,
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.iters, wd_incr_style="constant")
+    flops = training_flops_per_token(config, cfg.attention.layout, cfg.attention.s2, t.seq_length, vocab_size)
+
+    # Resume.
+    meta = run_meta(cfg, world_size)
+    iteration = consumed = 0
+    path = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
+    if path is not None:
+        saved = ckpt.read_meta(path)
+        ckpt.check_compatible(saved, meta, path)
+        state = _load(path, engine, scheduler, same_world=saved["world_size"] == world_size)
+        iteration, consumed = state["progress"]["iteration"], state["progress"]["consumed_samples"]
+
+    log = MetricsLogger(cfg, enabled=rank == 0, flops=flops, world_size=world_size,
+                        start_iteration=iteration)
+    log.message(f"{'resumed from ' + path if path else 'starting'} at iteration {iteration} | layout "
+                f"{cfg.attention.layout} | world {world_size} = dp {dp_size} x tp {cfg.parallel.tp} x "
+                f"cp {cfg.parallel.cp} x pp {cfg.parallel.pp} | accumulation {accumulation} | "
+                f"{flops.sparse / 1e9:.3f} GFLOP/token (dense-equivalent {flops.dense_equivalent / 1e9:.3f}) "
+                f"| run.dir {cfg.run.dir}")
+
+    def global_batch(dataset, first_sample):
+        batches = []
+        for step in range(accumulation):
+            start = micro_batch_start(first_sample, step, dp_rank, dp_size, t.micro_batch_size)
+            batch = get_micro_batch(dataset, start, t.micro_batch_size)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batches.append(get_batch_on_this_cp_rank(batch))
+        return batches
+
+    def evaluate() -> float:
+        losses = [engine.eval_step(global_batch(valid_ds, k * t.global_batch_size)) for k in range(t.eval_iters)]
+        return sum(losses) / len(losses)
+
+    def save() -> str:
+        model_sd = engine.module.sharded_state_dict()
+        state = _state(engine, scheduler, model_sd, iteration, consumed, world_size, rank, is_loading=False)
+        return ckpt.save_checkpoint(cfg.checkpoint_dir, iteration, state, meta, cfg.checkpoint.keep_last)
+
+    loss = val_loss = None
+    saved_at = iteration if path else None
+    stopped = False
+    while iteration < t.iters:
+        start = time.time()
+        lr = engine.optimizer.param_groups[0]["lr"]
+        loss, grad_norm = engine.train_step(global_batch(train_ds, consumed))
+        scheduler.step(1)
+        iteration += 1
+        consumed += t.global_batch_size
+        log.step(iteration, loss, lr, grad_norm, time.time() - start)
+        if valid_ds is not None and (iteration % t.eval_interval == 0 or iteration == t.iters):
+            val_loss = evaluate()
+            log.validation(iteration, val_loss)
+        stopped = sigterm.any_rank(device)
+        if stopped or (cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0):
+            saved_at, last_path = iteration, save()
+            log.message(f"saved {last_path}")
+        if stopped:
+            log.message(f"SIGTERM: stopped after iteration {iteration}")
+            break
+    if saved_at != iteration:
+        last_path = save()
+        log.message(f"saved {last_path}")
+    log.finish()
+    return {"iteration": iteration, "loss": loss, "val_loss": val_loss,
+            "checkpoint": ckpt.iter_dir(cfg.checkpoint_dir, iteration), "stopped_by_sigterm": stopped}
+
+
+def _state(engine, scheduler, model_sd: dict, iteration: int, consumed: int, world_size: int,
+           rank: int, is_loading: bool, with_rng: bool = True) -> dict:
+    """The checkpoint's sharded state dict (a template to fill when ``is_loading``)."""
+    state = {"model": model_sd,
+             "optimizer": engine.optimizer_sharded_state_dict(model_sd, is_loading=is_loading),
+             "scheduler": scheduler.state_dict(),
+             "progress": {"iteration": iteration, "consumed_samples": consumed}}
+    if with_rng:
+        state["rng"] = ckpt.rng_sharded_object(world_size, rank, None if is_loading else ckpt.get_rng_state())
+    return state
+
+
+def _load(path: str, engine, scheduler, same_world: bool) -> dict:
+    """Load model, optimizer, scheduler and (same world size only) this rank's RNG state."""
+    model_sd = engine.module.sharded_state_dict()
+    template = _state(engine, scheduler, model_sd, 0, 0, dist.get_world_size(), dist.get_rank(),
+                      is_loading=True, with_rng=same_world)
+    state = ckpt.load_checkpoint(path, template)
+    engine.module.load_state_dict(state["model"])
+    engine.load_optimizer_state(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if same_world:
+        ckpt.set_rng_state(state["rng"])
+    return state

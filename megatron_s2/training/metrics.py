@@ -1,0 +1,198 @@
+"""Run outputs from rank 0: console line, metrics.jsonl, wandb, resolved config, layout picture.
+
+Per log interval one record: iteration, loss (mean over the interval), lr, grad_norm, tokens_per_sec,
+tflops_per_device (sparse-aware FLOPs model: only the attention blocks the layout computes),
+tflops_dense_equiv_per_device (the same model counted dense, labelled as such), mfu (from
+tflops_per_device; None without a known peak), step_time, memory_gib (CUDA peak allocated, or
+the process's peak RSS on CPU), eta_s. Validation records carry iteration and val_loss.
+
+wandb: mode ``auto`` is online only when an API key is configured (WANDB_API_KEY or a netrc
+entry), else offline; it never prompts, and a failing init is reported and skipped.
+"""
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import resource
+import struct
+import sys
+import time
+import zlib
+
+import numpy as np
+import torch
+import yaml
+
+from .config import PretrainConfig, WandbMode, to_plain_dict
+
+# Dense bf16 peak TFLOP/s of known accelerators (for MFU), matched against the device name.
+PEAK_TFLOPS_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "B200": 2250.0, "L40S": 362.1,
+                    "A10G": 125.0, "L4": 121.0}
+
+
+def peak_tflops_per_device(configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS_BF16.items():
+            if key in name:
+                return value
+    return None
+
+
+def memory_gib() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB on Linux
+
+
+def wandb_mode(mode: WandbMode) -> str:
+    if mode != WandbMode.auto:
+        return mode.value
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def write_png(path: str, gray_hw: np.ndarray) -> None:
+    """An 8-bit grayscale PNG (stdlib only)."""
+    h, w = gray_hw.shape
+    rows = b"".join(b"\x00" + gray_hw[y].astype(np.uint8).tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def attention_pattern_image(cfg: PretrainConfig, max_blocks: int = 64, max_heads: int = 8) -> np.ndarray:
+    """The S2 block mask of the first heads side by side (white = computed block pair)."""
+    m, s2 = cfg.model, cfg.attention.s2
+    layout = s2.to_layout(m.num_attention_heads, m.num_query_groups)
+    n = min(cfg.train.seq_length // s2.block_size, max_blocks)
+    heads = min(m.num_attention_heads, max_heads)
+    # One head per kv group first: those are the heads whose patterns differ.
+    order = [g * layout.group_size for g in range(layout.num_kv_heads)][:heads]
+    masks = torch.stack([layout.block_mask(n, n, head_offset=h, num_heads=1)[0] for h in order])
+    scale = max(1, 256 // n)
+    pad = np.full((n * scale, 2), 128, dtype=np.uint8)
+    tiles = []
+    for mask in masks:
+        tiles += [np.kron(mask.numpy().astype(np.uint8) * 255, np.ones((scale, scale), np.uint8)), pad]
+    return np.concatenate(tiles[:-1], axis=1)
+
+
+class MetricsLogger:
+    """Console + metrics.jsonl + wandb on rank 0; a no-op elsewhere."""
+
+    def __init__(self, cfg: PretrainConfig, *, enabled: bool, flops, world_size: int,
+                 start_iteration: int) -> None:
+        self.cfg, self.enabled, self.flops, self.world_size = cfg, enabled, flops, world_size
+        self.peak = peak_tflops_per_device(cfg.logging.peak_tflops_per_device)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        self.start_iteration = start_iteration
+        self.window_losses: list[float] = []
+        self.window_time = 0.0
+        self.run_start = time.time()
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        self.plain_config = to_plain_dict(cfg)
+        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(self.plain_config, f, sort_keys=False)
+        self.jsonl = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a")
+        self.pattern_path = os.path.join(cfg.run.dir, "attention_pattern.png")
+        write_png(self.pattern_path, attention_pattern_image(cfg))
+        self._start_wandb()
+
+    def _start_wandb(self) -> None:
+        mode = wandb_mode(self.cfg.logging.wandb.mode)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+            id_path = os.path.join(self.cfg.run.dir, "wandb_id.txt")
+            if not os.path.isfile(id_path):     # a resumed run continues the same wandb run
+                with open(id_path, "w") as f:
+                    f.write(wandb.util.generate_id())
+            with open(id_path) as f:
+                run_id = f.read().strip()
+            self.wandb = wandb.init(
+                project=self.cfg.logging.wandb.project, entity=self.cfg.logging.wandb.entity,
+                name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir, mode=mode,
+                config={**self.plain_config, "flops_per_token": self.flops.sparse,
+                        "flops_per_token_dense_equivalent": self.flops.dense_equivalent},
+                settings=wandb.Settings(console="off", silent=True, init_timeout=90))
+            self.wandb.summary["attention/layout"] = self.cfg.attention.layout
+            try:
+                self.wandb.log({"attention/pattern": wandb.Image(self.pattern_path)},
+                               step=self.start_iteration)
+            except Exception:   # wandb.Image needs Pillow; the PNG stays in run.dir
+                pass
+        except Exception as e:
+            print(f"wandb disabled: {type(e).__name__}: {e}", file=sys.stderr)
+            self.wandb = None
+
+    def _write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "iteration" and v is not None},
+                           step=record["iteration"])
+
+    def step(self, iteration: int, loss: float, lr: float, grad_norm: float, step_time: float) -> None:
+        """Record one optimizer step; write a record every logging.interval steps."""
+        self.window_losses.append(loss)
+        self.window_time += step_time
+        if iteration % self.cfg.logging.interval and iteration != self.cfg.train.iters:
+            return
+        if self.enabled:
+            self._log_window(iteration, lr, grad_norm)
+        self.window_losses, self.window_time = [], 0.0
+
+    def _log_window(self, iteration: int, lr: float, grad_norm: float) -> None:
+        steps = len(self.window_losses)
+        mean_step = self.window_time / steps
+        tokens_per_sec = self.tokens_per_step / mean_step
+        tflops = self.flops.sparse * tokens_per_sec / self.world_size / 1e12
+        tflops_dense = self.flops.dense_equivalent * tokens_per_sec / self.world_size / 1e12
+        mfu = tflops / self.peak if self.peak else None
+        elapsed = time.time() - self.run_start
+        eta = elapsed / (iteration - self.start_iteration) * (self.cfg.train.iters - iteration)
+        record = {"iteration": iteration, "loss": sum(self.window_losses) / steps, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                  "tflops_per_device": tflops, "tflops_dense_equiv_per_device": tflops_dense,
+                  "mfu": mfu, "step_time": mean_step, "memory_gib": memory_gib(), "eta_s": eta}
+        self._write(record)
+        width = len(str(self.cfg.train.iters))
+        print(f"iter {iteration:>{width}}/{self.cfg.train.iters} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+              f"grad {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s | {tflops:.3g} TFLOP/s/dev | MFU "
+              + (f"{mfu:.1%}" if mfu is not None else "n/a") +
+              f" | mem {record['memory_gib']:.2f} GiB | {mean_step:.3f} s/it | ETA {eta:.0f}s", flush=True)
+
+    def validation(self, iteration: int, val_loss: float) -> None:
+        if self.enabled:
+            self._write({"iteration": iteration, "val_loss": val_loss})
+            print(f"iter {iteration} | validation loss {val_loss:.4f}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,5 +1,5 @@
 """megatron-s2: hybrid S2-sparse / dense attention for Megatron-Core."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="megatron-s2",
@@ -8,15 +8,17 @@ setup(
     python_requires=">=3.11",
     # The kernel library lives in kernels/ but installs as `s2attn`: a top-level `kernels`
     # module would shadow Hugging Face's `kernels` package.
-    packages=["s2attn", "megatron_s2"],
+    packages=["s2attn"] + find_packages(include=["megatron_s2", "megatron_s2.*"]),
     package_dir={"s2attn": "kernels", "megatron_s2": "megatron_s2"},
     install_requires=[
         "torch>=2.6,<2.15",
+        "triton>=3.2",
         "numpy",
+        "megatron-core>=0.16.1,<0.20",
+        "hydra-core>=1.3,<1.4",
+        "wandb>=0.19",
     ],
     extras_require={
-        "triton": ["triton>=3.2"],
-        "megatron": ["megatron-core>=0.16.1,<0.20", "hydra-core>=1.3,<1.4", "wandb>=0.19"],
         "test": ["pytest>=8"],
     },
 )

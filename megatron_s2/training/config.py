@@ -236,9 +236,23 @@ class PretrainConfig:
         return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
 
 
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "recipes")
+
+
 def register_configs() -> None:
     """Store the schema as ``pretrain_schema``; recipes list it first in their defaults."""
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+def compose_config(overrides: list[str] = (), recipe: str = "tiny",
+                   recipes_dir: str = RECIPES_DIR) -> DictConfig:
+    """The composed (not yet validated) config of a recipe with command-line style overrides,
+    outside a Hydra app (tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.abspath(recipes_dir), version_base=None):
+        return compose(config_name=recipe, overrides=list(overrides))
 
 
 def _require(ok: bool, message: str) -> None:

@@ -1,0 +1,87 @@
+"""The pretraining config: recipes compose over the schema, and bad configs fail before any work,
+naming the field and its value."""
+import glob
+import os
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from megatron_s2.training.config import RECIPES_DIR, Device, Precision, compose_config, validate
+
+
+# GPU recipes, checked on this CPU machine: everything but the device-specific settings.
+CPU_CHECK = ["train.device=cpu", "train.precision=fp32", "parallel.pp=1", "parallel.sequence_parallel=false"]
+
+
+def _full_message(error: BaseException) -> str:
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__
+    return "\n".join(parts)
+
+
+def test_default_recipe_validates():
+    cfg = validate(compose_config(), world_size=1)
+    assert cfg.attention.layout == "DSDS"
+    assert cfg.train.device == Device.cpu and cfg.train.precision == Precision.fp32
+    assert cfg.train.lr_decay_iters == cfg.train.iters
+    assert os.path.isabs(cfg.run.dir) and cfg.checkpoint_dir == os.path.join(cfg.run.dir, "checkpoints")
+
+
+@pytest.mark.parametrize("recipe", sorted(os.path.basename(p)[:-5] for p in glob.glob(f"{RECIPES_DIR}/*.yaml")
+                                          if not p.endswith("base.yaml")))
+def test_every_recipe_validates(recipe):
+    """GPU recipes pass every check that needs no GPU at the world size their tp*cp*pp asks for."""
+    composed = compose_config(recipe=recipe)
+    p = composed.parallel
+    cfg = validate(compose_config(CPU_CHECK,
+                                  recipe=recipe), world_size=p.tp * p.cp)
+    assert len(cfg.attention.layout) == cfg.model.num_layers
+
+
+def test_phi3_small_layout():
+    cfg = validate(compose_config(CPU_CHECK,
+                                  recipe="phi3_small"), world_size=8)
+    assert cfg.attention.layout == "SD" * 16
+    s2 = cfg.attention.s2
+    assert (s2.block_size, s2.local_blocks, s2.vert_stride, s2.head_sliding_offset) == (64, 16, 8, 1)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.nmu_layers=3", ["nmu_layers", "ModelConfig"]),            # typo
+    ("train.iters=many", ["many", "train.iters"]),                      # wrong type
+    ("logging.wandb.mode=sometimes", ["sometimes", "logging.wandb.mode"]),
+    ("attention.s2.block_size=1.5", ["1.5", "attention.s2.block_size"]),
+])
+def test_schema_rejects_typos_and_types(override, words):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        compose_config([override])
+    message = _full_message(info.value)
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.parametrize("overrides, world_size, words", [
+    (["train.global_batch_size=12", "train.micro_batch_size=8"], 1, ["train.global_batch_size (12)", "(8)"]),
+    (["train.global_batch_size=8", "train.micro_batch_size=8"], 2, ["train.global_batch_size (8)", "data parallel size (2"]),
+    (["parallel.tp=2"], 3, ["world size (3)", "parallel.tp"]),
+    (["attention.layout=DSD"], 1, ["DSD", "num_layers is 4"]),
+    (["attention.layout=DSXS"], 1, ["DSXS", "'X'"]),
+    (["train.seq_length=100"], 1, ["seq_length (100)", "16"]),
+    (["parallel.tp=4", "model.num_query_groups=2"], 4, ["num_query_groups (2)", "(4)"]),
+    (["attention.s2.num_dense_heads=3"], 1, ["num_dense_heads (3)"]),
+    (["attention.s2.block_size=24"], 1, ["block_size", "24"]),
+    (["parallel.pp=2"], 2, ["parallel.pp (2)", "cuda"]),
+    (["train.warmup_iters=300"], 1, ["train.warmup_iters (300)", "lr_decay_iters (300)"]),
+    (["train.precision=bf16", "train.device=cpu"], 1, ["train.precision (bf16)"]),
+    (["data.prefixes=[/nonexistent/corpus]"], 1, ["data.prefixes[0]", "/nonexistent/corpus.bin"]),
+    (["data.tokenizer=/nonexistent/tokenizer"], 1, ["data.tokenizer", "/nonexistent/tokenizer"]),
+    (["train.lr=1e-5", "train.min_lr=1e-4"], 1, ["train.lr (1e-05)", "train.min_lr (0.0001)"]),
+])
+def test_validate_names_field_and_value(overrides, world_size, words):
+    with pytest.raises(ValueError) as info:
+        validate(compose_config(overrides), world_size=world_size)
+    for word in words:
+        assert word in str(info.value), str(info.value)

@@ -15,6 +15,7 @@ import json
 import netrc
 import os
 import resource
+import secrets
 import struct
 import sys
 import time
@@ -125,7 +126,7 @@ class MetricsLogger:
             id_path = os.path.join(self.cfg.run.dir, "wandb_id.txt")
             if not os.path.isfile(id_path):     # a resumed run continues the same wandb run
                 with open(id_path, "w") as f:
-                    f.write(wandb.util.generate_id())
+                    f.write(secrets.token_hex(4))
             with open(id_path) as f:
                 run_id = f.read().strip()
             self.wandb = wandb.init(

@@ -37,9 +37,9 @@ def build(layout, s2=S2, seed=0, **kw):
                            max_sequence_length=SEQ)
 
 
-def loss_of(model):
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
+def loss_of(model, device="cpu"):
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1)).to(device)
+    position_ids = torch.arange(SEQ, device=device).expand(BATCH, SEQ)
     return model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean()
 
 
@@ -55,22 +55,40 @@ def test_hybrid_model_trains_and_follows_layout():
     assert not missing
 
 
-def test_sparse_layer_matches_float64_reference():
-    model = build("DSD")
-    core = model.decoder.layers[1].self_attention.core_attention
+def sparse_layer_io(model, layer, device="cpu"):
+    """(q, k, v as [b, s, h, d], output as [b, s, h, d], layout) of one S layer during a forward."""
+    core = model.decoder.layers[layer].self_attention.core_attention
     seen = {}
-    core.register_forward_hook(lambda mod, args, out: seen.update(qkv=args[:3], out=out))
-    loss_of(model)
-    q, k, v = (t.detach().transpose(0, 1) for t in seen["qkv"])                  # [b, s, h, d]
+    handle = core.register_forward_hook(lambda mod, args, out: seen.update(qkv=args[:3], out=out))
+    loss_of(model, device)
+    handle.remove()
+    q, k, v = (t.detach().transpose(0, 1) for t in seen["qkv"])
+    out = seen["out"].detach().view(SEQ, BATCH, q.shape[2], -1).transpose(0, 1)
+    return q, k, v, out, core.layout
+
+
+def test_sparse_layer_matches_float64_reference():
+    q, k, v, got, layout = sparse_layer_io(build("DSD"), 1)
     assert q.shape[2] == 8 and k.shape[2] == 4                                    # GQA kept grouped
-    expected, _ = reference_attention(q.double(), k.double(), v.double(), core.layout,
+    expected, _ = reference_attention(q.double(), k.double(), v.double(), layout,
                                       1 / math.sqrt(q.shape[-1]), 0, 0, 0)
-    got = seen["out"].detach().view(SEQ, BATCH, 8, -1).transpose(0, 1)
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
     # The pattern is really sparse here: full causal attention gives another answer.
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
     assert (dense.transpose(1, 2) - got).abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+def test_sparse_layer_on_cuda_bf16_matches_float64_reference():
+    config = make_config(3, heads=4, groups=2, params_dtype=torch.bfloat16, bf16=True)
+    torch.manual_seed(0)
+    model = build_gpt_model(config, S2, "DSD", vocab_size=VOCAB, max_sequence_length=SEQ).cuda()
+    q, k, v, got, layout = sparse_layer_io(model, 1, "cuda")
+    assert got.is_cuda and got.dtype == torch.bfloat16
+    expected, _ = reference_attention(q.double(), k.double(), v.double(), layout,
+                                      1 / math.sqrt(q.shape[-1]), 0, 0, 0)
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_all_sparse_with_covering_window_equals_all_dense():

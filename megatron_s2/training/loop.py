@@ -84,10 +84,13 @@ def padded_vocab_size(vocab_size: int, cfg: PretrainConfig) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def run_meta(cfg: PretrainConfig, world_size: int) -> dict:
-    """What a checkpoint records about the run (resume refuses a different layout/S2/model)."""
+def run_meta(cfg: PretrainConfig, world_size: int, vocab_size: int) -> dict:
+    """What a checkpoint records about the run (resume refuses a different layout/S2/model).
+    The model is recorded by its padded vocabulary, not the padding rule, which depends on tp."""
+    model = to_plain_dict(cfg.model)
+    del model["make_vocab_size_divisible_by"]
     return {"layout": cfg.attention.layout, "s2": dataclasses.asdict(cfg.attention.s2),
-            "model": to_plain_dict(cfg.model),
+            "model": {**model, "padded_vocab_size": vocab_size},
             "parallel": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "pp": cfg.parallel.pp},
             "world_size": world_size}
 
@@ -164,7 +167,7 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
     flops = training_flops_per_token(config, cfg.attention.layout, cfg.attention.s2, t.seq_length, vocab_size)
 
     # Resume.
-    meta = run_meta(cfg, world_size)
+    meta = run_meta(cfg, world_size, vocab_size)
     iteration = consumed = 0
     path = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
     if path is not None:

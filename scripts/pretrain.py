@@ -6,10 +6,16 @@
 
 Every output goes under run.dir (resolved config, metrics.jsonl, checkpoints, wandb files).
 """
-import hydra
-from omegaconf import DictConfig
+import warnings
 
-from megatron_s2.training import pretrain, register_configs, validate
+# Megatron-Core announces its pure-PyTorch fallbacks (no TransformerEngine/Apex, e.g. on CPU) at
+# import; they are expected here and would bury the first lines of the run.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from megatron_s2.training import pretrain, register_configs, validate  # noqa: E402
 
 register_configs()
 

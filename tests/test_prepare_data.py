@@ -82,3 +82,40 @@ def test_bad_inputs(tmp_path):
         prepare_dataset([str(bad)], str(tmp_path / "x"), tok, progress=False)
     with pytest.raises(ValueError, match="hold no files"):
         prepare_dataset([str(tmp_path)], str(tmp_path / "x"), tok, suffixes=(".nothing",), progress=False)
+
+
+@pytest.fixture
+def process_group():
+    """Megatron's blended dataset asks for the rank: a one-process gloo group (the trainer has one)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_blend_and_separate_validation_through_megatron(tmp_path, process_group):
+    """Two prepared datasets blended 3:1 through BlendedMegatronDatasetBuilder, and a separate
+    validation dataset (blend_per_split); samples are [seq] token windows of the right documents."""
+    from megatron_s2.training.data import build_datasets, get_micro_batch
+
+    tok = ByteTokenizer()
+    prefixes = []
+    for name, letter in (("a", "a"), ("b", "b"), ("v", "v")):
+        src = tmp_path / f"{name}.txt"
+        src.write_text(letter * 5000, encoding="utf-8")
+        prepare_dataset([str(src)], str(tmp_path / name), tok, progress=False)
+        prefixes.append(str(tmp_path / name))
+    common = dict(seq_length=64, seed=3, cache_dir=str(tmp_path / "cache"))
+    train, valid = build_datasets(prefixes[:2], [3.0, 1.0], [prefixes[2]], "98,2,0", tok,
+                                  num_train_samples=400, num_valid_samples=8, **common)
+    batch = get_micro_batch(train, 0, 400)
+    assert batch["tokens"].shape == (400, 64)
+    first = batch["tokens"][:, 0]
+    share_a = (first == ord("a")).float().mean().item()
+    assert 0.7 < share_a < 0.8 and share_a + (first == ord("b")).float().mean().item() > 0.99
+    assert bool((batch["labels"][:, :-1] == batch["tokens"][:, 1:]).all())
+    assert set(get_micro_batch(valid, 0, 8)["tokens"].unique().tolist()) <= {ord("v"), tok.eod}
+
+    train_only, no_valid = build_datasets(prefixes[:1], None, [], "98,2,0", tok, num_train_samples=10,
+                                          num_valid_samples=0, **common)
+    assert no_valid is None and len(train_only) >= 10

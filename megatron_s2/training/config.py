@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -230,9 +231,9 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    # Derived by validate(); not settable from a recipe.
     @property
     def checkpoint_dir(self) -> str:
+        """checkpoint.dir, or <run.dir>/checkpoints when it is not set."""
         return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
 
 
@@ -258,15 +259,6 @@ def compose_config(overrides: list[str] = (), recipe: str = "tiny",
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
-
-
-def cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def data_parallel_size(cfg: PretrainConfig, world_size: int) -> int:
-    return world_size // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp)
 
 
 def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) -> PretrainConfig:
@@ -319,8 +311,8 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) ->
 
     # Device and precision.
     if t.device == Device.auto:
-        t.device = Device.cuda if cuda_available() else Device.cpu
-    _require(t.device != Device.cuda or cuda_available(),
+        t.device = Device.cuda if torch.cuda.is_available() else Device.cpu
+    _require(t.device != Device.cuda or torch.cuda.is_available(),
              "train.device is cuda but torch sees no CUDA device")
     if t.precision == Precision.auto:
         t.precision = Precision.bf16 if t.device == Device.cuda else Precision.fp32

@@ -95,6 +95,13 @@ def test_exact_resume_and_refusals(tmp_path, cache_dir):
         _run(tmp_path / "resumed", cache_dir, "train.iters=8", "attention.s2.vert_stride=4", *schedule)
 
 
+def test_non_finite_loss_stops_before_the_step(tmp_path, cache_dir):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        _run(tmp_path / "run", cache_dir, "train.iters=3", "train.warmup_iters=0", "train.lr=1e30",
+             "train.clip_grad=0")
+    assert not os.path.isdir(tmp_path / "run" / "checkpoints")
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys
 import torch.distributed as dist

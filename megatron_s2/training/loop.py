@@ -142,11 +142,11 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
             default_dataset(cfg.data.cache_dir, tokenizer)
         dist.barrier()
         prefixes = [default_dataset(cfg.data.cache_dir, tokenizer)]
-    num_evals = t.iters // t.eval_interval + 1 if t.eval_interval else 0
+    # Every evaluation reads the same first eval_iters global batches of the validation split.
     train_ds, valid_ds = build_datasets(
         prefixes, cfg.data.weights, list(cfg.data.valid_prefixes), cfg.data.split, tokenizer,
         seq_length=t.seq_length, seed=t.seed, num_train_samples=t.iters * t.global_batch_size,
-        num_valid_samples=t.eval_iters * t.global_batch_size if num_evals else 0,
+        num_valid_samples=t.eval_iters * t.global_batch_size if t.eval_interval else 0,
         cache_dir=cfg.data.cache_dir)
 
     # Model, optimizer, schedule.
@@ -205,28 +205,30 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
     loss = val_loss = None
     saved_at = iteration if path else None
     stopped = False
-    while iteration < t.iters:
-        start = time.time()
-        lr = engine.optimizer.param_groups[0]["lr"]
-        loss, grad_norm = engine.train_step(global_batch(train_ds, consumed))
-        scheduler.step(1)
-        iteration += 1
-        consumed += t.global_batch_size
-        log.step(iteration, loss, lr, grad_norm, time.time() - start)
-        if valid_ds is not None and (iteration % t.eval_interval == 0 or iteration == t.iters):
-            val_loss = evaluate()
-            log.validation(iteration, val_loss)
-        stopped = sigterm.any_rank(device)
-        if stopped or (cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0):
-            saved_at, last_path = iteration, save()
+    try:
+        while iteration < t.iters:
+            start = time.time()
+            lr = engine.optimizer.param_groups[0]["lr"]
+            loss, grad_norm = engine.train_step(global_batch(train_ds, consumed))
+            scheduler.step(1)
+            iteration += 1
+            consumed += t.global_batch_size
+            log.step(iteration, loss, lr, grad_norm, time.time() - start)
+            if valid_ds is not None and (iteration % t.eval_interval == 0 or iteration == t.iters):
+                val_loss = evaluate()
+                log.validation(iteration, val_loss)
+            stopped = sigterm.any_rank(device)
+            if stopped or (cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0):
+                saved_at, last_path = iteration, save()
+                log.message(f"saved {last_path}")
+            if stopped:
+                log.message(f"SIGTERM: stopped after iteration {iteration}")
+                break
+        if saved_at != iteration:
+            last_path = save()
             log.message(f"saved {last_path}")
-        if stopped:
-            log.message(f"SIGTERM: stopped after iteration {iteration}")
-            break
-    if saved_at != iteration:
-        last_path = save()
-        log.message(f"saved {last_path}")
-    log.finish()
+    finally:
+        log.finish()
     return {"iteration": iteration, "loss": loss, "val_loss": val_loss,
             "checkpoint": ckpt.iter_dir(cfg.checkpoint_dir, iteration), "stopped_by_sigterm": stopped}
 

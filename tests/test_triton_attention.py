@@ -1,0 +1,207 @@
+"""The Triton kernels against the float64 reference: on CPU through the Triton interpreter, and on
+a GPU (``@pytest.mark.gpu``) for bf16, determinism and a larger shape.
+
+Why a subprocess: ``triton.jit`` picks the interpreter when it decorates a function, so
+TRITON_INTERPRET=1 must be set before triton itself is imported (its own library is jit code too).
+This pytest process keeps compiled kernels for the other test files; the interpreted checks all run
+in one child process started with TRITON_INTERPRET=1 (this file run as a script), which reports a
+pass or the failure text of each check. bf16 is not usable in the interpreter, hence GPU only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+
+import pytest
+import torch
+
+from attention_cases import CASES, Case, assert_matches_reference, make_inputs, run
+from s2attn import S2Layout
+from s2attn.reference import reference_attention
+
+EXTRA_CASES = [
+    # several query tiles of 128 rows with 16-token blocks (Merge-Q), full and masked tiles
+    Case("merge_q_tiles", s_q=300, s_kv=300, heads=2, kv_heads=1, local_blocks=3, vert_stride=5),
+    # vert_stride 1 is dense: most tiles take the unmasked path
+    Case("dense_stride1", s_q=272, s_kv=272, heads=2, kv_heads=2, vert_stride=1),
+    # tiles smaller than a block (block 128 vs 64-key tiles and 32-query dK/dV tiles)
+    Case("block128", s_q=200, s_kv=200, heads=2, kv_heads=1, head_dim=64, block_size=128,
+         local_blocks=1, vert_stride=2),
+]
+TOLERANCES = {"fp32": (torch.float32, 2e-5, 1e-4), "fp16": (torch.float16, 3e-3, 3e-3)}
+
+
+# -- checks that run in the interpreter subprocess --------------------------------------------------
+def _check_no_key_rows() -> None:
+    case = Case("kv_after_q", s_q=64, s_kv=64, kv_offset=32, block_size=16)
+    out, lse, dq, _, _ = run("triton", case, *make_inputs(case, torch.float32))
+    assert torch.isneginf(lse[:, :, :32]).all() and torch.isfinite(lse[:, :, 32:]).all()
+    assert (out[:, :32] == 0).all() and (dq[:, :32] == 0).all()
+
+
+def _check_transposed_sbhd() -> None:
+    """A view of Megatron's [s, b, h, d] is read in place; out and grads keep that memory order."""
+    case = Case("sbhd", batch=2, s_q=96, s_kv=96, heads=4, kv_heads=2, head_dim=64, block_size=32,
+                local_blocks=1, vert_stride=2)
+    q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in make_inputs(case, torch.float16))
+    assert not q.is_contiguous()
+    got = run("triton", case, q, k, v)
+    want = run("reference", case, q.double(), k.double(), v.double())
+    assert got[0].stride() == q.stride() and got[2].stride() == q.stride() and got[3].stride() == k.stride()
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], want[:1] + want[2:]):
+        torch.testing.assert_close(g.double(), w, atol=3e-3, rtol=3e-3, msg=lambda m: f"{name}: {m}")
+
+
+def _check_head_offset_inside_a_group() -> None:
+    """head_offset need not start a kv group: q heads 1..4 of a group-2 layout use kv heads 0..2."""
+    from s2attn.triton_attention import triton_attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layout = S2Layout(8, 4, 16, local_blocks=1, vert_stride=4)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 80, 4, 32, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 80, 3, 32, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def outputs_and_grads(attend, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = attend(*leaves)
+        grads = torch.autograd.grad(out.double().square().sum() + lse.double().sum(), leaves)
+        return (out, lse, *grads)
+
+    def per_head_reference(q, k, v):  # one head at a time: the reference assumes an aligned group
+        parts = [reference_attention(q[:, :, h:h + 1], k[:, :, (1 + h) // 2:(1 + h) // 2 + 1],
+                                     v[:, :, (1 + h) // 2:(1 + h) // 2 + 1], layout, 0.2, 1 + h, 0, 0)
+                 for h in range(4)]
+        return torch.cat([o for o, _ in parts], 2), torch.cat([l for _, l in parts], 1)
+
+    got = outputs_and_grads(lambda *t: triton_attention(*t, layout, 0.2, 1, 0, 0), torch.float32)
+    want = outputs_and_grads(per_head_reference, torch.float64)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _check_fp16_large_logits_stay_finite() -> None:
+    case = Case("large", s_q=128, s_kv=128)
+    for t in run("triton", case, *make_inputs(case, torch.float16, scale=30.0)):
+        assert torch.isfinite(t).all()
+
+
+def _interpreter_checks() -> dict:
+    checks = {f"{case.name}-{dt}": functools.partial(assert_matches_reference, "triton", case, *tol)
+              for case in CASES + EXTRA_CASES for dt, tol in TOLERANCES.items()}
+    checks.update(no_key_rows=_check_no_key_rows, transposed_sbhd=_check_transposed_sbhd,
+                  head_offset_inside_a_group=_check_head_offset_inside_a_group,
+                  fp16_large_logits=_check_fp16_large_logits_stay_finite)
+    return checks
+
+
+def _run_interpreter_checks(result_path: str) -> None:
+    import s2attn.triton_attention
+    assert s2attn.triton_attention.INTERPRETED, "TRITON_INTERPRET=1 did not take effect"
+    results = {}
+    for name, check in _interpreter_checks().items():
+        try:
+            check()
+            results[name] = ""
+        except Exception:
+            results[name] = traceback.format_exc()
+    torch.save(results, result_path)
+
+
+# -- the tests -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory) -> dict:
+    pytest.importorskip("triton")
+    path = tmp_path_factory.mktemp("triton_interpret") / "results.pt"
+    proc = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("check", list(_interpreter_checks()))
+def test_interpreted_kernels(interpreter_results, check):
+    assert interpreter_results[check] == "", interpreter_results[check]
+
+
+def test_bad_input_is_rejected_before_launch():
+    pytest.importorskip("triton")
+    from s2attn.triton_attention import triton_attention
+    layout = S2Layout(2, 2, 16, local_blocks=1, vert_stride=2)
+    q = torch.randn(1, 32, 2, 64)
+    with pytest.raises(ValueError, match=r"q must have a contiguous last dim.*stride 2"):
+        triton_attention(q[..., ::2], q[..., :32], q[..., :32], layout, 0.1, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"head_dim must be one of .* got 48"):
+        triton_attention(q[..., :48], q[..., :48], q[..., :48], layout, 0.1, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"block_size must be one of .* got 256"):
+        triton_attention(q, q, q, S2Layout(2, 2, 256, local_blocks=1, vert_stride=2), 0.1, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"k has 2 kv heads"):
+        triton_attention(q, q, q, S2Layout(4, 2, 16, local_blocks=1, vert_stride=2), 0.1, 0, 0, 0)
+
+
+def test_pattern_index_is_cached():
+    pytest.importorskip("triton")
+    from s2attn.triton_attention import _sparse_index
+    layout = S2Layout(4, 2, 16, local_blocks=2, vert_stride=2)
+    args = (layout, 100, 100, 0, 0, 0, 4, 128, 16, False, torch.device("cpu"))
+    assert _sparse_index(*args) is _sparse_index(*args)
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+def _assert_gpu_matches_reference(case: Case, dtype, atol, rtol, inputs=None):
+    q, k, v = (t.cuda() for t in (inputs or make_inputs(case, dtype)))
+    with torch.device("cuda"):  # run() makes its loss weights on the default device
+        got = run("triton", case, q, k, v)
+        want = run("reference", case, q.double(), k.double(), v.double())
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert g.dtype == (torch.float32 if name == "lse" else dtype), (name, g.dtype)
+        if name == "lse":
+            assert torch.equal(torch.isneginf(g), torch.isneginf(w)), "rows that see no key differ"
+            g, w = torch.where(torch.isfinite(w), g, 0.0), torch.where(torch.isfinite(w), w, 0.0)
+        assert not torch.isnan(g).any(), f"{name} has NaN"
+        torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES + EXTRA_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 2e-2, 2e-2), (torch.float16, 3e-3, 3e-3),
+                                               (torch.float32, 2e-5, 1e-4)], ids=["bf16", "fp16", "fp32"])
+def test_gpu_matches_reference(case, dtype, atol, rtol):
+    _assert_gpu_matches_reference(case, dtype, atol, rtol)
+
+
+LARGE = Case("large", batch=2, s_q=2048, s_kv=2048, heads=8, kv_heads=2, head_dim=128, block_size=64,
+             local_blocks=4, vert_stride=8, num_dense_heads=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_large_bf16_matches_reference(head_dim):
+    case = dataclasses.replace(LARGE, head_dim=head_dim)
+    _assert_gpu_matches_reference(case, torch.bfloat16, 3e-2, 3e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_transposed_sbhd_input():
+    case = Case("sbhd", batch=2, s_q=1000, s_kv=1000, heads=8, kv_heads=4, head_dim=128, block_size=32,
+                local_blocks=2, vert_stride=4)
+    inputs = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in make_inputs(case, torch.bfloat16)]
+    _assert_gpu_matches_reference(case, torch.bfloat16, 2e-2, 2e-2, inputs)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    q, k, v = (t.cuda() for t in make_inputs(LARGE, torch.bfloat16))
+    with torch.device("cuda"):
+        first, second = run("triton", LARGE, q, k, v), run("triton", LARGE, q, k, v)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+if __name__ == "__main__":
+    _run_interpreter_checks(sys.argv[1])

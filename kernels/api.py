@@ -25,6 +25,11 @@ def _backend_fn(name: str):
     return reference_attention
 
 
+def _triton_supports(head_dim: int, block_size: int) -> bool:
+    """The shapes the Triton kernels are built for; "auto" uses the torch path for the rest."""
+    return block_size <= 128 and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
 def _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend) -> None:
     def need(ok, message):
         if not ok:
@@ -68,7 +73,7 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
     """
     _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend)
     if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
+        backend = "triton" if q.is_cuda and _triton_supports(q.shape[-1], layout.block_size) else "torch"
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = _backend_fn(backend)(q, k, v, layout, float(softmax_scale), head_offset, q_offset, kv_offset)

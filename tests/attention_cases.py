@@ -61,14 +61,15 @@ def run(backend, case: Case, q, k, v, layout=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out, lse = s2_attention(q, k, v, layout or case.layout(), head_offset=case.head_offset, q_offset=case.q_offset,
                             kv_offset=case.kv_offset, return_lse=True, backend=backend)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=out.device).view(out.shape)
     loss = (out.double() * weights).sum() + 0.5 * torch.where(torch.isfinite(lse), lse, 0.0).double().sum()
     loss.backward()
     return out, lse, q.grad, k.grad, v.grad
 
 
-def assert_matches_reference(backend, case: Case, dtype, atol, rtol):
-    q, k, v = make_inputs(case, dtype)
+def assert_matches_reference(backend, case: Case, dtype, atol, rtol, inputs=None, device="cpu"):
+    """The backend's out, lse, dq, dk, dv equal the float64 oracle's (on the same inputs)."""
+    q, k, v = (t.to(device) for t in (inputs or make_inputs(case, dtype)))
     got = run(backend, case, q, k, v)
     want = run("reference", case, q.double(), k.double(), v.double())
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):

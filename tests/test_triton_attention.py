@@ -154,17 +154,7 @@ def test_pattern_index_is_cached():
 
 # -- GPU ---------------------------------------------------------------------------------------------
 def _assert_gpu_matches_reference(case: Case, dtype, atol, rtol, inputs=None):
-    q, k, v = (t.cuda() for t in (inputs or make_inputs(case, dtype)))
-    with torch.device("cuda"):  # run() makes its loss weights on the default device
-        got = run("triton", case, q, k, v)
-        want = run("reference", case, q.double(), k.double(), v.double())
-    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        assert g.dtype == (torch.float32 if name == "lse" else dtype), (name, g.dtype)
-        if name == "lse":
-            assert torch.equal(torch.isneginf(g), torch.isneginf(w)), "rows that see no key differ"
-            g, w = torch.where(torch.isfinite(w), g, 0.0), torch.where(torch.isfinite(w), w, 0.0)
-        assert not torch.isnan(g).any(), f"{name} has NaN"
-        torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    assert_matches_reference("triton", case, dtype, atol, rtol, inputs, device="cuda")
 
 
 @pytest.mark.gpu
@@ -197,8 +187,7 @@ def test_gpu_transposed_sbhd_input():
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
     q, k, v = (t.cuda() for t in make_inputs(LARGE, torch.bfloat16))
-    with torch.device("cuda"):
-        first, second = run("triton", LARGE, q, k, v), run("triton", LARGE, q, k, v)
+    first, second = run("triton", LARGE, q, k, v), run("triton", LARGE, q, k, v)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 

@@ -6,14 +6,19 @@ Both take Megatron's core-attention constructor and forward signatures, so Megat
 this TP rank's heads (K/V with its kv groups), the output is [s, b, heads * head_dim].
 
 Limits (each raises ValueError when asked for): causal self-attention only, no attention dropout,
-no attention bias, no packed sequences, no Megatron sliding window, vanilla softmax, no context
-parallelism yet (issue 4 extends ``S2CoreAttention`` with it). ``attention_mask`` is ignored, as
-TransformerEngine ignores it for ``AttnMaskType.causal``: causality comes from the mask type.
+no attention bias, no packed sequences, no Megatron sliding window, vanilla softmax.
+``attention_mask`` is ignored, as TransformerEngine ignores it for ``AttnMaskType.causal``:
+causality comes from the mask type.
+
+Context parallelism: each rank holds two chunks of the sequence (Megatron's order); the keys of
+the other ranks arrive through ``megatron_s2.context_parallel`` (all-gather, or for S2 layers only
+the blocks the pattern reads) and every local chunk attends them at its absolute offset.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -23,6 +28,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from s2attn import s2_attention
 
 from .config import S2AttentionConfig, check_heads
+from .context_parallel import CPGeometry, check_cp_seq_len, cp_attention
 
 
 def _require(ok: bool, message: str) -> None:
@@ -48,11 +54,12 @@ class _CausalCoreAttention(MegatronModule):
                  f"{name}: config.softmax_type must be 'vanilla', got {config.softmax_type!r}")
         _require(config.window_size is None,
                  f"{name}: config.window_size must be None (use the S2 layout), got {config.window_size}")
-        _require(config.context_parallel_size == 1,
-                 f"{name}: context_parallel_size must be 1 for now, got {config.context_parallel_size}")
         tp_group = (pg_collection.tp if pg_collection is not None
                     else parallel_state.get_tensor_model_parallel_group())
         tp_size, tp_rank = get_pg_size(tp_group), get_pg_rank(tp_group)
+        self.cp_group = (pg_collection.cp if pg_collection is not None
+                         else parallel_state.get_context_parallel_group(check_initialized=False))
+        self.cp_size, self.cp_rank = get_pg_size(self.cp_group), get_pg_rank(self.cp_group)
         check_heads(config.num_attention_heads, config.num_query_groups, tp_size)
         self.layer_number = layer_number
         self.num_heads = config.num_attention_heads // tp_size       # this rank's query heads
@@ -68,10 +75,22 @@ class _CausalCoreAttention(MegatronModule):
         _require(packed_seq_params is None, f"{name}: packed sequences (packed_seq_params) are not supported")
         s, b, heads, d = query.shape
         _require(heads == self.num_heads, f"{name}: expected {self.num_heads} query heads on this rank, got {heads}")
-        out_bshd = self.attend(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1))
+        q_bshd, k_bshd, v_bshd = (t.transpose(0, 1) for t in (query, key, value))
+        if self.cp_size == 1:
+            out_bshd = self.attend(q_bshd, k_bshd, v_bshd, 0)
+        else:
+            check_cp_seq_len(s * self.cp_size, self.cp_size, self.cp_block_size)
+            geo = CPGeometry(self.cp_size, self.cp_rank, s * self.cp_size, self.cp_block_size)
+            out_bshd = cp_attention(self.attend, q_bshd, k_bshd, v_bshd, geo, self.cp_group,
+                                    layout=self.cp_layout, head_offset=self.head_offset, exchange=self.cp_exchange)
         return out_bshd.transpose(0, 1).reshape(s, b, heads * d)
 
-    def attend(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor) -> torch.Tensor:
+    # Under context parallelism: the block granularity of the chunks, the S2 layout that enables
+    # the sparse exchange (None: all-gather), and the exchange to use.
+    cp_block_size, cp_layout, cp_exchange = 1, None, "all_gather"
+
+    def attend(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor, q_offset: int) -> torch.Tensor:
+        """Causal attention of q (first token at absolute ``q_offset``) over keys from position 0."""
         raise NotImplementedError
 
 
@@ -91,21 +110,24 @@ class S2CoreAttention(_CausalCoreAttention):
                          softmax_scale, cp_comm_type, pg_collection)
         self.s2 = s2
         self.layout = s2.to_layout(config.num_attention_heads, config.num_query_groups)
+        self.cp_block_size, self.cp_layout, self.cp_exchange = s2.block_size, self.layout, s2.cp_exchange
 
-    def attend(self, q_bshd, k_bshd, v_bshd):
+    def attend(self, q_bshd, k_bshd, v_bshd, q_offset):
         _require(q_bshd.shape[1] % self.layout.block_size == 0,
                  f"S2CoreAttention: sequence length ({q_bshd.shape[1]}) must be a multiple of "
                  f"s2.block_size ({self.layout.block_size})")
         return s2_attention(q_bshd, k_bshd, v_bshd, self.layout, softmax_scale=self.softmax_scale,
-                            head_offset=self.head_offset)
+                            head_offset=self.head_offset, q_offset=q_offset)
 
 
 class DenseCoreAttention(_CausalCoreAttention):
     """Dense causal attention through ``torch.nn.functional.scaled_dot_product_attention`` (its
     flash kernels on CPU and CUDA); GQA via ``enable_gqa``, without expanding K/V."""
 
-    def attend(self, q_bshd, k_bshd, v_bshd):
+    def attend(self, q_bshd, k_bshd, v_bshd, q_offset):
         q, k, v = (t.transpose(1, 2) for t in (q_bshd, k_bshd, v_bshd))   # [b, h, s, d] views
-        out_bhsd = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+        # Keys run from position 0 to the last query: causality aligned at the lower right.
+        causal = dict(is_causal=True) if q_offset == 0 else dict(attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
+        out_bhsd = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1], **causal)
         return out_bhsd.transpose(1, 2)

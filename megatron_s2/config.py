@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from s2attn import S2Layout
 
+from .context_parallel import EXCHANGES
+
 SPARSE, DENSE = "S", "D"
 
 
@@ -44,6 +46,9 @@ class S2AttentionConfig:
     """The last ``num_dense_heads`` kv heads (global indices) attend every causal block."""
     homo_head: bool = False
     """Every head uses kv head 0's strided residue (the context is not sharded over heads)."""
+    cp_exchange: str = "sparse"
+    """Under context parallelism, how sparse layers bring the keys of other ranks: "sparse" (only
+    the blocks the pattern reads) or "all_gather" (everything; the baseline)."""
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -54,6 +59,8 @@ class S2AttentionConfig:
             _require(_is_int(value) and value >= 1, f"s2.{name} must be an integer >= 1, got {value!r}")
         _require(_is_int(self.head_sliding_offset),
                  f"s2.head_sliding_offset must be an integer, got {self.head_sliding_offset!r}")
+        _require(self.cp_exchange in EXCHANGES,
+                 f"s2.cp_exchange must be one of {EXCHANGES}, got {self.cp_exchange!r}")
         step = self.head_sliding_step
         _require(step is None or (_is_int(step) and step >= 0),
                  f"s2.head_sliding_step must be None or an integer >= 0, got {step!r}")

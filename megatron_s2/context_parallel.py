@@ -51,9 +51,17 @@ class CPGeometry:
         return (chunk, 0) if chunk < self.cp_size else (2 * self.cp_size - 1 - chunk, 1)
 
     def local_positions(self, device=None) -> torch.Tensor:
-        """Absolute positions of this rank's local tokens, in local order."""
-        return torch.cat([torch.arange(c * self.chunk_len, (c + 1) * self.chunk_len, device=device)
-                          for c in self.chunk_ids()])
+        return context_parallel_positions(self.seq_len, self.cp_size, self.cp_rank, device)
+
+
+def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """long [seq_len / cp_size]: the positions a CP rank holds, in its local order (chunks r and
+    2*cp-1-r of 2*cp)."""
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"seq_len ({seq_len}) must be a multiple of 2 * cp_size ({2 * cp_size})")
+    chunk = seq_len // (2 * cp_size)
+    first = torch.arange(chunk, device=device)
+    return torch.cat([first + cp_rank * chunk, first + (2 * cp_size - 1 - cp_rank) * chunk])
 
 
 def check_cp_seq_len(seq_len: int, cp_size: int, block_size: int) -> None:
@@ -72,8 +80,8 @@ def split_batch_for_cp(batch: dict, cp_size: int, cp_rank: int, seq_dim: int = 1
         if not isinstance(value, torch.Tensor) or value.dim() <= seq_dim:
             out[key] = value
             continue
-        chunks = value.chunk(2 * cp_size, dim=seq_dim)
-        out[key] = torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=seq_dim)
+        positions = context_parallel_positions(value.shape[seq_dim], cp_size, cp_rank, value.device)
+        out[key] = value.index_select(seq_dim, positions)
     return out
 
 

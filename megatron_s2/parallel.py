@@ -16,7 +16,8 @@ from megatron.core import parallel_state
 
 
 @contextlib.contextmanager
-def model_parallel_session(tensor_model_parallel_size: int = 1, *, timeout_s: float = 120.0):
+def model_parallel_session(tensor_model_parallel_size: int = 1, context_parallel_size: int = 1, *,
+                           timeout_s: float = 120.0):
     """Megatron model-parallel state for the duration of the ``with`` block."""
     created = not dist.is_initialized()
     if created:
@@ -26,7 +27,8 @@ def model_parallel_session(tensor_model_parallel_size: int = 1, *, timeout_s: fl
             dist.init_process_group(backend, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size,
+                                             context_parallel_size=context_parallel_size)
     try:
         yield
     finally:

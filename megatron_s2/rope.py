@@ -12,16 +12,7 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-
-def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int,
-                               device: torch.device | str | None = None) -> torch.Tensor:
-    """long [seq_len / cp_size]: the token positions a CP rank holds. The sequence is cut into
-    2*cp chunks and rank r holds chunks r and 2*cp-1-r (balances causal work)."""
-    if seq_len % (2 * cp_size):
-        raise ValueError(f"seq_len ({seq_len}) must be a multiple of 2 * cp_size ({2 * cp_size})")
-    chunk = seq_len // (2 * cp_size)
-    first = torch.arange(chunk, device=device)
-    return torch.cat([first + cp_rank * chunk, first + (2 * cp_size - 1 - cp_rank) * chunk])
+from .context_parallel import context_parallel_positions
 
 
 class PortableRotaryEmbedding(RotaryEmbedding):

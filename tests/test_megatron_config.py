@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_s2 import (PortableRotaryEmbedding, S2AttentionConfig, resolve_hybrid_layout,
                          training_flops_per_token, validate_hybrid_model)
-from megatron_s2.rope import context_parallel_positions
+from megatron_s2.context_parallel import context_parallel_positions
 
 S2 = S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=4)
 

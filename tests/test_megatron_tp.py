@@ -1,34 +1,29 @@
-"""Tensor parallelism: a hybrid GPTModel at TP=2 (two gloo processes) equals TP=1, same seed.
+"""Tensor and context parallelism: a hybrid GPTModel split over gloo processes equals the unsplit
+model with the same seed: per-token loss and every gradient (after the CP all-reduce and gathering
+the TP shards).
 
-Cases: MHA, GQA (8 query heads / 4 kv heads), and a pattern with a dense kv head. The worker
-(tests/multiproc/megatron_tp_worker.py) gathers every TP-sharded gradient before comparing.
+Cases: MHA, GQA (8 query heads / 4 kv heads), a pattern with a dense kv head, the all-gather
+exchange, and an all-dense model. The worker is tests/multiproc/megatron_parallel_worker.py.
 """
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).parent / "multiproc" / "megatron_tp_worker.py"
+from torchrun import run_workers
+
+WORKER = Path(__file__).parent / "multiproc" / "megatron_parallel_worker.py"
+SPLITS = [(2, 1), (1, 2), (2, 2)]
 
 
-@pytest.fixture(scope="module")
-def tp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp") / "result.json"
-    # --standalone lets the rendezvous pick a free localhost port.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module", params=SPLITS, ids=[f"tp{tp}_cp{cp}" for tp, cp in SPLITS])
+def results(request, tmp_path_factory):
+    tp, cp = request.param
+    return run_workers(WORKER, tp * cp, tmp_path_factory.mktemp("parallel") / "result.json", str(tp), str(cp))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["mha", "gqa", "dense_heads"])
-def test_tp2_equals_tp1(tp_results, case):
-    r = tp_results[case]
+@pytest.mark.parametrize("case", ["mha", "gqa", "dense_heads", "all_gather_exchange", "dense"])
+def test_split_model_equals_unsplit(results, case):
+    r = results[case]
     assert r["loss_rel_diff"] <= 1e-5, r
     assert r["max_grad_rel_diff"] <= 1e-5, r

@@ -158,5 +158,13 @@ def tflops(flops: float, seconds: float) -> float:
     return flops / seconds / 1e12 if seconds > 0 and math.isfinite(seconds) else float("nan")
 
 
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
 def describe(layout: S2Layout, shape: AttentionShape) -> dict:
     return {"shape": asdict(shape), "layout": asdict(layout), "density": layout.density(shape.seq_len)}

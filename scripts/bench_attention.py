@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from s2attn import S2Layout
-from s2attn.benchmark import (AttentionShape, attention_flops, describe, flex_attention_fn, peak_memory_bytes,
+from s2attn.benchmark import (AttentionShape, attention_flops, describe, device_name, flex_attention_fn, peak_memory_bytes,
                               s2_fn, sdpa_causal, tflops, time_attention)
 
 PRESETS = {
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     layout = S2Layout(base.heads, base.kv_heads, **layout_kwargs)
     report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
                           "platform": platform.platform(), "threads": torch.get_num_threads(),
-                          "device": torch.cuda.get_device_name() if base.device == "cuda" else platform.processor()},
+                          "device": device_name(base.device)},
               "runs": []}
     header = f"{'seq':>7} {'method':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'x sdpa f+b':>10} {'x sdpa fwd':>10} {'TFLOP/s':>8}"
     print(header)

@@ -99,12 +99,20 @@ def save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: dic
                 shutil.rmtree(os.path.join(checkpoint_dir, name))
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=SyncTorchDistSaveStrategy())
+    try:
+        dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=SyncTorchDistSaveStrategy())
+        if rank == 0:
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump({**meta, "iteration": iteration}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+    except Exception as e:
+        # Disk full, quota, a vanished mount: the complete checkpoints are untouched (old ones are
+        # deleted only after a save succeeds), the partial tmp_ directory is ignored by resume.
+        raise CheckpointSaveError(
+            f"saving the checkpoint of iteration {iteration} into {tmp} failed: {_root_cause(e)}; "
+            f"the newest complete checkpoint, {latest_checkpoint(checkpoint_dir)}, is kept") from e
     if rank == 0:
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({**meta, "iteration": iteration}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
         if os.path.isdir(final):        # saved before at this iteration (a resumed run's end)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -112,6 +120,23 @@ def save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: dic
             shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed; the previous complete checkpoints are intact."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The OSError under torch.distributed.checkpoint's per-rank wrapping, when there is one."""
+    seen = [error]
+    while seen[-1].__cause__ is not None or seen[-1].__context__ is not None:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    failures = getattr(error, "failures", {}) or {}
+    seen += [f for f in failures.values() if isinstance(f, BaseException)]
+    for e in seen:
+        if isinstance(e, OSError):
+            return f"{type(e).__name__}: {e}"
+    return f"{type(error).__name__}: {error}"
 
 
 def load_checkpoint(path: str, sharded_state_dict: dict) -> dict:

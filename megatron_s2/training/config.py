@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
 
+from .data import check_indexed_dataset
+
 
 # The S2 pattern's schema is S2AttentionConfig's own fields, unfrozen so that recipes and
 # command-line overrides can set them; validate() turns it into an S2AttentionConfig.
@@ -45,6 +47,11 @@ class LrDecayStyle(Enum):
     cosine = "cosine"
     linear = "linear"
     constant = "constant"
+
+
+class NonFinitePolicy(Enum):
+    stop = "stop"      # save diagnostics (iteration, non-finite parameters) and exit non-zero
+    skip = "skip"      # drop the step's update; stop after train.max_consecutive_skips in a row
 
 
 class WandbMode(Enum):
@@ -111,6 +118,9 @@ class ParallelConfig:
     """Pipeline parallel size (GPU path only)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism with tp > 1 (GPU path only)."""
+    distributed_timeout_minutes: float = 10.0
+    """Process group timeout: a collective that waits longer (a dead or stuck rank) raises instead
+    of hanging (Megatron's --distributed-timeout-minutes)."""
 
 
 @dataclass
@@ -152,6 +162,13 @@ class TrainConfig:
     """cpu: our gloo path (fp32); cuda: Megatron DDP + distributed optimizer."""
     precision: Precision = Precision.auto
     """Parameter/compute precision."""
+    on_non_finite: NonFinitePolicy = NonFinitePolicy.stop
+    """A NaN/Inf loss or gradient norm on any rank, found before the optimizer step: ``stop``
+    writes <run.dir>/non_finite_iter_<N>.json (iteration, loss, grad norm, the parameters whose
+    gradients were non-finite) and raises; ``skip`` leaves the weights and optimizer untouched
+    for that step and goes on (the data and the lr schedule advance)."""
+    max_consecutive_skips: int = 3
+    """With on_non_finite=skip: stop as ``stop`` does once this many steps in a row were skipped."""
 
 
 @dataclass
@@ -219,6 +236,17 @@ class LoggingConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for the reliability tests; leave empty in real runs."""
+
+    inject_nan_at_iters: List[int] = field(default_factory=list)
+    """Optimizer steps (1-based) at which rank 0 writes NaN into one parameter's gradient after
+    the backward pass, before the non-finite check."""
+    inject_nan_param: str = "decoder.layers.0.mlp.linear_fc2.weight"
+    """The parameter (a name from model.named_parameters()) that gets the NaN gradient."""
+
+
+@dataclass
 class PretrainConfig:
     """The whole run."""
 
@@ -230,6 +258,7 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -281,6 +310,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) ->
                 "train.seq_length": t.seq_length, "train.micro_batch_size": t.micro_batch_size,
                 "train.global_batch_size": t.global_batch_size, "logging.interval": cfg.logging.interval,
                 "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                "train.max_consecutive_skips": t.max_consecutive_skips,
                 "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by}
     for name, value in positive.items():
         _require(value >= 1, f"{name} must be >= 1, got {value}")
@@ -289,6 +319,10 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) ->
                         "train.clip_grad": t.clip_grad, "train.weight_decay": t.weight_decay,
                         "train.min_lr": t.min_lr}.items():
         _require(value >= 0, f"{name} must be >= 0, got {value}")
+    _require(all(i >= 1 for i in cfg.debug.inject_nan_at_iters),
+             f"debug.inject_nan_at_iters must hold optimizer steps >= 1, got {cfg.debug.inject_nan_at_iters}")
+    _require(p.distributed_timeout_minutes > 0,
+             f"parallel.distributed_timeout_minutes must be > 0, got {p.distributed_timeout_minutes}")
     _require(t.lr >= t.min_lr, f"train.lr ({t.lr}) must be >= train.min_lr ({t.min_lr})")
     if m.num_query_groups is None:
         m.num_query_groups = m.num_attention_heads
@@ -346,10 +380,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) ->
              "data.valid_prefixes needs data.prefixes (training data) too")
     for key, prefixes in (("data.prefixes", d.prefixes), ("data.valid_prefixes", d.valid_prefixes)):
         for i, prefix in enumerate(prefixes):
-            for ext in (".bin", ".idx"):
-                _require(os.path.isfile(prefix + ext),
-                         f"{key}[{i}] ({prefix!r}): {prefix + ext} does not exist "
-                         "(make it with scripts/prepare_data.py)")
+            check_indexed_dataset(prefix, f"{key}[{i}]")
     _require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer),
              f"data.tokenizer ({d.tokenizer!r}) must be 'byte' or a local tokenizer directory")
     d.cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 import sysconfig
 import time
@@ -24,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDatasetBuilder
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -164,6 +165,44 @@ def prepare_dataset(inputs: list[str], output_prefix: str, tokenizer, *, jsonl_k
     for ext in (".bin", ".json", ".idx"):
         os.replace(tmp_prefix + ext, output_prefix + ext)
     return meta
+
+
+def check_indexed_dataset(prefix: str, key: str) -> None:
+    """A ValueError naming ``key`` (the config field, e.g. data.prefixes[0]) and the file when
+    ``prefix``.bin/.idx are missing, truncated, or do not belong together; reads only the .idx
+    header and its last entries, so it is cheap for any dataset size."""
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    for path in (bin_path, idx_path):
+        if not os.path.isfile(path):
+            raise ValueError(f"{key} ({prefix!r}): {path} does not exist (make it with scripts/prepare_data.py)")
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{key} ({prefix!r}): {what}; prepare the dataset again with scripts/prepare_data.py")
+
+    header_size = len(_INDEX_HEADER) + 8 + 1 + 8 + 8
+    idx_size, bin_size = os.path.getsize(idx_path), os.path.getsize(bin_path)
+    with open(idx_path, "rb") as f:
+        header = f.read(header_size)
+    if len(header) < header_size or header[:len(_INDEX_HEADER)] != _INDEX_HEADER:
+        raise bad(f"{idx_path} is not a Megatron index file (truncated or wrong header)")
+    version, code, sequences, documents = struct.unpack("<QBQQ", header[len(_INDEX_HEADER):])
+    if version != 1 or code not in {c.value for c in DType}:
+        raise bad(f"{idx_path} has an unknown version ({version}) or dtype code ({code})")
+    expected = header_size + sequences * (4 + 8) + documents * 8
+    if idx_size != expected:
+        raise bad(f"{idx_path} is {idx_size} bytes but its header ({sequences} sequences, {documents} "
+                  f"documents) needs {expected} (truncated or corrupt)")
+    if sequences == 0:
+        raise bad(f"{idx_path} holds no sequences")
+    with open(idx_path, "rb") as f:     # the last sequence's length (int32) and byte offset (int64)
+        f.seek(header_size + 4 * (sequences - 1))
+        (last_length,) = struct.unpack("<i", f.read(4))
+        f.seek(header_size + 4 * sequences + 8 * (sequences - 1))
+        (last_pointer,) = struct.unpack("<q", f.read(8))
+    bin_expected = last_pointer + last_length * DType.size(code)
+    if bin_size != bin_expected:
+        raise bad(f"{bin_path} is {bin_size} bytes but {idx_path} indexes {bin_expected} "
+                  "(truncated, or the .bin and .idx come from different datasets)")
 
 
 def check_dataset_tokenizer(prefix: str, tokenizer) -> None:

@@ -3,8 +3,11 @@
 Both take the same model (megatron_s2.build_gpt_model), the same batches (already sliced for this
 context-parallel rank) and the same loss: per micro batch the mean over its loss-masked tokens,
 divided by the number of micro batches; gradients are averaged over the data-parallel x context-
-parallel group. Both return the global mean loss (token-weighted over every rank's micro batches)
-and the gradient norm before clipping.
+parallel group. A step is three calls, so that the loop can check for NaN/Inf on every rank before
+anything changes the weights: ``forward_backward`` (the global mean loss, token-weighted over
+every rank's micro batches; gradients reduced), ``grad_norm`` (before clipping), ``step`` (clip,
+update). Skipping a step is simply not calling ``step``: the next ``forward_backward`` clears the
+gradients.
 
 - ``CpuEngine`` (gloo, fp32; tested): plain torch AdamW, a flattened gradient all-reduce, a global
   norm over tensor-parallel shards (duplicated parameters counted once), clipping. Optimizer state
@@ -60,7 +63,7 @@ class CpuEngine:
         self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.mp_group = parallel_state.get_model_parallel_group()
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
+    def forward_backward(self, micro_batches: list[dict]) -> float:
         self.model.train()
         for p in self.params:
             p.grad = None
@@ -70,13 +73,22 @@ class CpuEngine:
             (loss_sum / tokens.clamp(min=1) / len(micro_batches)).backward()
             totals += torch.stack([loss_sum.detach(), tokens]).double()
         self._all_reduce_grads()
-        grad_norm = self._clip_grads()
-        loss = reduce_loss(totals)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise FloatingPointError(f"non-finite loss ({loss}) or grad norm ({grad_norm}); "
-                                     "stopping before the optimizer step")
+        return reduce_loss(totals)
+
+    @torch.no_grad()
+    def grad_norm(self) -> float:
+        """Global L2 norm over TP/PP shards (duplicated parameters counted once)."""
+        squares = sum((p.grad.double().square().sum() for p in self.params
+                       if param_is_not_tensor_parallel_duplicate(p)), torch.zeros((), dtype=torch.float64))
+        dist.all_reduce(squares, group=self.mp_group)
+        return squares.sqrt().item()
+
+    @torch.no_grad()
+    def step(self, grad_norm: float) -> None:
+        if self.clip_grad > 0 and grad_norm > self.clip_grad:
+            for p in self.params:
+                p.grad.mul_(self.clip_grad / (grad_norm + 1e-6))
         self.optimizer.step()
-        return loss, grad_norm
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict]) -> float:
@@ -99,18 +111,6 @@ class CpuEngine:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-
-    @torch.no_grad()
-    def _clip_grads(self) -> float:
-        """Global L2 norm (over TP/PP shards, duplicates once); scale grads down to clip_grad."""
-        squares = sum((p.grad.double().square().sum() for p in self.params
-                       if param_is_not_tensor_parallel_duplicate(p)), torch.zeros((), dtype=torch.float64))
-        dist.all_reduce(squares, group=self.mp_group)
-        norm = squares.sqrt().item()
-        if self.clip_grad > 0 and norm > self.clip_grad:
-            for p in self.params:
-                p.grad.mul_(self.clip_grad / (norm + 1e-6))
-        return norm
 
     # -- checkpointing -------------------------------------------------------------------------
     def optimizer_sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool) -> dict:
@@ -145,7 +145,7 @@ class GpuEngine:
         self.seq_length, self.micro_batch_size = t.seq_length, t.micro_batch_size
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=True,
-                                                   check_for_nan_in_grad=True)
+                                                   check_for_nan_in_grad=False)   # the loop checks
         self.module = model
         self.model = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=model)
         bf16 = t.precision == Precision.bf16
@@ -181,15 +181,28 @@ class GpuEngine:
             totals += report["lm loss"].double()
         return reduce_loss(totals)
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
+    # Megatron's optimizer.step() is prepare_grads, clip, step_with_ready_grads (ChainedOptimizer's
+    # order); split here so that the loop's NaN/Inf check sits between the norm and the update.
+    def forward_backward(self, micro_batches: list[dict]) -> float:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._run(micro_batches, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise FloatingPointError(f"the optimizer skipped its step (loss {loss})")
-        return loss, float(grad_norm)
+        return self._run(micro_batches, forward_only=False)
+
+    def grad_norm(self) -> float:
+        found_inf = self.optimizer.prepare_grads()     # copies the reduced grads to the fp32 shards
+        return math.inf if found_inf else float(self.optimizer.get_grad_norm())
+
+    def step(self, grad_norm: float) -> None:
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            parameters = optimizer.get_parameters()
+            if optimizer.config.clip_grad > 0 and parameters:
+                clip_grad_by_total_norm_fp32(
+                    parameters, max_norm=optimizer.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.optimizer.step_with_ready_grads()
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict]) -> float:

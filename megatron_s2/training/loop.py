@@ -4,11 +4,20 @@
 position, iteration, optimizer, scheduler and RNG come back from the newest complete checkpoint,
 so a resumed run continues exactly where the saved one was. SIGTERM (e.g. from torchrun or SLURM)
 finishes the current step, saves, and returns.
+
+Before any process group exists, run.dir and the checkpoint directory are probed for writing, and
+a run with checkpoint.resume=false refuses a checkpoint directory that already holds checkpoints
+(it would interleave its saves with another run's). A NaN/Inf loss or gradient norm on any rank is
+agreed on by all ranks before the optimizer step and handled by train.on_non_finite. Collectives
+time out after parallel.distributed_timeout_minutes, so a dead rank fails the job instead of
+hanging it.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+import math
 import os
 import random
 import signal
@@ -26,17 +35,37 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from megatron_s2 import build_gpt_model, training_flops_per_token
 
 from . import checkpoint as ckpt
-from .config import Device, PretrainConfig, Precision, to_plain_dict
+from .config import Device, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
 from .data import build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start
 from .engine import CpuEngine, GpuEngine
 from .metrics import MetricsLogger
 
 
-def init_distributed(cfg: PretrainConfig, timeout_s: float = 600.0) -> torch.device:
+def check_outputs(cfg: PretrainConfig) -> None:
+    """Before any process group or model: run.dir and the checkpoint directory are writable
+    (every rank probes, as every rank writes checkpoint shards), and a fresh run
+    (checkpoint.resume=false) does not write over another run's checkpoints."""
+    for key, path in (("run.dir", cfg.run.dir), ("checkpoint.dir", cfg.checkpoint_dir)):
+        probe = os.path.join(path, f".write_probe_{os.uname().nodename}_{os.getpid()}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"{key} ({path!r}) is not writable: {e}") from e
+    existing = ckpt.complete_checkpoints(cfg.checkpoint_dir)
+    if existing and not cfg.checkpoint.resume:
+        raise ValueError(f"checkpoint.resume is false but checkpoint.dir ({cfg.checkpoint_dir!r}) holds "
+                         f"checkpoints (newest {existing[-1][1]}); use a new run.dir or checkpoint.dir, "
+                         "or delete them")
+
+
+def init_distributed(cfg: PretrainConfig) -> torch.device:
     """torchrun's environment, or a single-process group with an in-memory store (no port)."""
     cuda = cfg.train.device == Device.cuda
     backend = "nccl" if cuda else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:
@@ -115,7 +144,9 @@ class _SigtermFlag:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Train; returns {"iteration", "loss", "val_loss", "checkpoint", "stopped_by_sigterm"}."""
+    """Train; returns {"iteration", "loss", "val_loss", "checkpoint", "stopped_by_sigterm",
+    "skipped_steps"} (skipped in this launch)."""
+    check_outputs(cfg)
     device = init_distributed(cfg)
     sigterm = _SigtermFlag()
     try:
@@ -205,15 +236,34 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
     loss = val_loss = None
     saved_at = iteration if path else None
     stopped = False
+    skipped = skipped_in_a_row = 0
     try:
         while iteration < t.iters:
             start = time.time()
             lr = engine.optimizer.param_groups[0]["lr"]
-            loss, grad_norm = engine.train_step(global_batch(train_ds, consumed))
+            loss = engine.forward_backward(global_batch(train_ds, consumed))
+            if iteration + 1 in cfg.debug.inject_nan_at_iters and rank == 0:
+                _inject_nan_grad(engine.module, cfg.debug.inject_nan_param)
+            grad_norm = engine.grad_norm()
+            finite = _finite_on_every_rank(loss, grad_norm, device)
+            if finite:
+                engine.step(grad_norm)
+                skipped_in_a_row = 0
+            else:
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                report = _non_finite_report(cfg, engine.module, iteration + 1, loss, grad_norm,
+                                            skipped_in_a_row)
+                if t.on_non_finite == NonFinitePolicy.stop or skipped_in_a_row >= t.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss}) or grad norm ({grad_norm}) at iteration {iteration + 1}"
+                        f" (train.on_non_finite={t.on_non_finite.value}, {skipped_in_a_row} in a row); "
+                        f"stopped before the optimizer step; diagnostics in {report}")
+                log.skipped(iteration + 1, skipped, skipped_in_a_row, report)
             scheduler.step(1)
             iteration += 1
             consumed += t.global_batch_size
-            log.step(iteration, loss, lr, grad_norm, time.time() - start)
+            if finite:
+                log.step(iteration, loss, lr, grad_norm, time.time() - start)
             if valid_ds is not None and (iteration % t.eval_interval == 0 or iteration == t.iters):
                 val_loss = evaluate()
                 log.validation(iteration, val_loss)
@@ -230,7 +280,55 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
     finally:
         log.finish()
     return {"iteration": iteration, "loss": loss, "val_loss": val_loss,
-            "checkpoint": ckpt.iter_dir(cfg.checkpoint_dir, iteration), "stopped_by_sigterm": stopped}
+            "checkpoint": ckpt.iter_dir(cfg.checkpoint_dir, iteration), "stopped_by_sigterm": stopped,
+            "skipped_steps": skipped}
+
+
+# -- NaN/Inf -------------------------------------------------------------------------------------
+
+def _finite_on_every_rank(loss: float, grad_norm: float, device: torch.device) -> bool:
+    """One verdict for all ranks: a rank whose own loss and norm are finite (e.g. a data-parallel
+    peer of the rank with the bad gradient, before any reduction carries it over) still skips."""
+    ok = torch.tensor([1.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 0.0], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The reduced gradient: Megatron DDP keeps it in main_grad, the cpu path in grad."""
+    grad = getattr(param, "main_grad", None)
+    return param.grad if grad is None else grad
+
+
+def _inject_nan_grad(module: torch.nn.Module, name: str) -> None:
+    """debug.inject_nan_at_iters: a NaN in one element of one parameter's gradient."""
+    params = dict(module.named_parameters())
+    if name not in params:
+        raise ValueError(f"debug.inject_nan_param ({name!r}) is not a parameter of this rank's model; "
+                         f"some that are: {sorted(params)[:6]}")
+    _grad(params[name]).view(-1)[0] = float("nan")
+
+
+def _non_finite_report(cfg: PretrainConfig, module: torch.nn.Module, iteration: int, loss: float,
+                       grad_norm: float, in_a_row: int) -> str:
+    """Gather every rank's parameters with non-finite gradients (collective); rank 0 writes
+    <run.dir>/non_finite_iter_<N>.json. Returns its path. Names are this rank's local parameter
+    names (under pp a stage numbers its layers from 0)."""
+    local = [name for name, p in module.named_parameters()
+             if _grad(p) is not None and not torch.isfinite(_grad(p)).all()]
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, {"loss": loss, "grad_norm": grad_norm, "params": local})
+    path = os.path.join(cfg.run.dir, f"non_finite_iter_{iteration:07d}.json")
+    if dist.get_rank() == 0:
+        report = {"iteration": iteration, "policy": cfg.train.on_non_finite.value,
+                  "skipped_in_a_row": in_a_row, "loss": loss, "grad_norm": grad_norm,
+                  "non_finite_grads": {f"rank {r}": entry["params"] for r, entry in enumerate(per_rank)
+                                       if entry["params"]},
+                  "per_rank": {f"rank {r}": {"loss": e["loss"], "grad_norm": e["grad_norm"]}
+                               for r, e in enumerate(per_rank)}}
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    return path
 
 
 def _state(engine, scheduler, model_sd: dict, iteration: int, consumed: int, world_size: int,

@@ -4,10 +4,12 @@ Per log interval one record: iteration, loss (mean over the interval), lr, grad_
 tflops_per_device (sparse-aware FLOPs model: only the attention blocks the layout computes),
 tflops_dense_equiv_per_device (the same model counted dense, labelled as such), mfu (from
 tflops_per_device; None without a known peak), step_time, memory_gib (CUDA peak allocated, or
-the process's peak RSS on CPU), eta_s. Validation records carry iteration and val_loss.
+the process's peak RSS on CPU), eta_s. Validation records carry iteration and val_loss; a step
+skipped for NaN/Inf writes iteration, skipped_steps and skipped_in_a_row (and no loss).
 
 wandb: mode ``auto`` is online only when an API key is configured (WANDB_API_KEY or a netrc
-entry), else offline; it never prompts, and a failing init is reported and skipped.
+entry), else offline; ``online`` without a key falls back to offline with one warning; it never
+prompts, and a failing init is reported and skipped.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import secrets
 import struct
 import sys
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -49,19 +52,27 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB on Linux
 
 
-def wandb_mode(mode: WandbMode) -> str:
-    if mode != WandbMode.auto:
-        return mode.value
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+def _wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
+        return True
     try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
+        return bool(netrc.netrc().authenticators("api.wandb.ai"))
     except (OSError, netrc.NetrcParseError):
-        pass
-    return "offline"
+        return False
+
+
+def wandb_mode(mode: WandbMode) -> str:
+    """The mode handed to wandb.init. Online without an API key would make wandb try to log in
+    (a prompt, or a network wait): it falls back to offline with one warning instead."""
+    chosen = mode.value if mode != WandbMode.auto else os.environ.get("WANDB_MODE") or None
+    if chosen is None:
+        return "online" if _wandb_credentials() else "offline"
+    if chosen == "online" and not _wandb_credentials():
+        warnings.warn("logging.wandb.mode is online but no wandb API key is configured (WANDB_API_KEY "
+                      "or `wandb login`): logging offline instead; `wandb sync` uploads the run later",
+                      stacklevel=2)
+        return "offline"
+    return chosen
 
 
 def write_png(path: str, gray_hw: np.ndarray) -> None:
@@ -186,6 +197,13 @@ class MetricsLogger:
         if self.enabled:
             self._write({"iteration": iteration, "val_loss": val_loss})
             print(f"iter {iteration} | validation loss {val_loss:.4f}", flush=True)
+
+    def skipped(self, iteration: int, total: int, in_a_row: int, report: str) -> None:
+        """A step dropped for a non-finite loss or gradient (train.on_non_finite=skip)."""
+        if self.enabled:
+            self._write({"iteration": iteration, "skipped_steps": total, "skipped_in_a_row": in_a_row})
+            print(f"iter {iteration} | non-finite loss or grad norm: step skipped ({in_a_row} in a row, "
+                  f"limit {self.cfg.train.max_consecutive_skips}) | {report}", flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -2,22 +2,22 @@
 layout, next to the speed-up the FLOPs model predicts.
 
 Each layout runs in its own fresh (spawned) process: peak memory is then a per-layout high-water
-mark (on CPU the process's peak RSS; on CUDA ``max_memory_allocated``), and no layout inherits
+mark (on CPU the process's own peak RSS, VmHWM; on CUDA ``max_memory_allocated``), and no layout inherits
 another's allocator state. Layouts alternate over ``rounds`` (ABAB...), so load from other
 processes on a shared machine falls on all of them alike; the load average is recorded. The step
 is forward, loss, backward (no optimizer), with the same weights and tokens for every layout.
 Speed-ups are given from the best (minimum) step time, the least disturbed by other processes,
-and from the median over all timed steps after warm-up.
+and from the median over all timed steps after warm-up. ``run_sweep`` repeats the comparison at
+several sequence lengths (same model) for the speed-up-vs-length table and figure.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -99,7 +99,9 @@ class LayoutMeasurement:
 def _peak_memory(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across exec.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def measure_layout(bench: HybridStepBenchmark, layout: str) -> LayoutMeasurement:
@@ -168,6 +170,7 @@ def run_benchmark(bench: HybridStepBenchmark) -> dict:
         rows.append({**asdict(m), "measured_speedup": measured,
                      "median_speedup": base.median_step_s / m.median_step_s,
                      "predicted_speedup": predicted, "fraction_of_predicted": measured / predicted,
+                     "tokens_per_s": bench.seq_length * bench.micro_batch_size / m.best_step_s,
                      "tflops_per_s": m.training_flops_per_token * bench.seq_length
                      * bench.micro_batch_size / m.best_step_s / 1e12})
     return {"benchmark": asdict(bench), "torch_threads": torch.get_num_threads(),
@@ -188,4 +191,33 @@ def format_table(result: dict) -> str:
     lines.append(f"(best and median of {len(result['layouts'][0]['step_times_s'])} steps per layout; "
                  "speed-up, fraction of predicted and TFLOP/s from the best step; "
                  f"{result['torch_threads']} torch threads; load average {before:.2f} -> {after:.2f})")
+    return "\n".join(lines)
+
+
+def run_sweep(bench: HybridStepBenchmark, seq_lengths: list[int]) -> list[dict]:
+    """``run_benchmark`` at each sequence length (the rest of ``bench`` unchanged), shortest first."""
+    if not seq_lengths:
+        raise ValueError("seq_lengths must name at least one length")
+    for length in seq_lengths:
+        if length < 1 or length % bench.s2.block_size:
+            raise ValueError(f"seq_lengths entry {length} must be a positive multiple of "
+                             f"s2.block_size ({bench.s2.block_size})")
+    return [run_benchmark(replace(bench, seq_length=length)) for length in sorted(seq_lengths)]
+
+
+def format_sweep_table(results: list[dict]) -> str:
+    """One row per (sequence length, layout): tokens/s, step time, peak memory, speed-ups."""
+    header = (f"{'seq':>6} {'layout':>8} {'tokens/s':>9} {'best s':>7} {'median s':>8} {'peak MiB':>9} "
+              f"{'speed-up':>9} {'predicted':>9} {'of pred.':>8} {'load 1m':>11}")
+    lines = [header, "-" * len(header)]
+    for result in results:
+        load = "{:.1f}->{:.1f}".format(*result["load_average_1m_before_after"])
+        for r in result["layouts"]:
+            lines.append(f"{result['benchmark']['seq_length']:>6} {r['layout']:>8} {r['tokens_per_s']:9.0f} "
+                         f"{r['best_step_s']:7.3f} {r['median_step_s']:8.3f} "
+                         f"{r['peak_memory_bytes'] / 2**20:9.0f} {r['measured_speedup']:8.2f}x "
+                         f"{r['predicted_speedup']:8.2f}x {r['fraction_of_predicted']:8.2f} {load:>11}")
+    steps = len(results[0]["layouts"][0]["step_times_s"])
+    lines.append(f"(forward+backward step, no optimizer; best and median of {steps} steps per layout and "
+                 "length; speed-up and fraction of predicted from the best step, over the first layout)")
     return "\n".join(lines)

@@ -1,0 +1,11 @@
+"""Evidence a user can look at: figures of the attention layout, training-speed sweeps, run
+comparisons and a long-range retrieval test.
+
+- ``plots``: every figure (layout, speed-ups, loss curves); needs matplotlib.
+- ``compare``: read several runs' metrics.jsonl and tabulate final losses.
+- ``retrieval``: synthetic associative-recall documents and accuracy by distance for a model.
+- ``checkpoints``: rebuild a trained model from its run directory for evaluation.
+
+Scripts in ``scripts/`` (plot_layout, bench_training, compare_runs, eval_retrieval) are thin CLIs
+over these.
+"""

@@ -1,0 +1,174 @@
+"""Every figure of the project, drawn with matplotlib's object API (no pyplot, no global state).
+
+- ``plot_layout``: the S2 block mask of each kv group's heads (a grid), the union over heads
+  (how many heads compute each block pair, and whether together they cover the whole causal
+  context), and the layer-by-layer S/D layout with each layer's density.
+- ``plot_speedups``: measured vs FLOPs-predicted speed-up over the baseline layout by sequence
+  length, and tokens/s per layout (from ``megatron_s2.benchmark.run_sweep``).
+- ``plot_loss_curves``: training and validation loss of several runs side by side.
+
+Figures are small PNGs (blocky images, low dpi) meant for docs and wandb.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from ..config import DENSE, S2AttentionConfig, check_layout
+
+SPARSE_COLOR, DENSE_COLOR = "#4c72b0", "#dd8452"
+
+
+def _viridis(n: int) -> np.ndarray:
+    """n colours of viridis, one per count."""
+    return colormaps["viridis"](np.linspace(0.15, 1.0, n))
+
+
+def _save(fig: Figure, path: str, dpi: int) -> str:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def layer_densities(layout: str, s2: S2AttentionConfig, num_heads: int, num_kv_heads: int,
+                    seq_length: int) -> list[float]:
+    """Fraction of causal block pairs each layer computes: 1 for D layers, the S2 density for S."""
+    check_layout(layout, len(layout))
+    sparse = s2.to_layout(num_heads, num_kv_heads).density(seq_length)
+    return [1.0 if kind == DENSE else sparse for kind in layout]
+
+
+def head_coverage(s2: S2AttentionConfig, num_heads: int, num_kv_heads: int, num_blocks: int) -> torch.Tensor:
+    """int [num_blocks, num_blocks]: how many kv groups compute each block pair (0 above the
+    diagonal); one kv group stands for its query heads, which share its pattern."""
+    layout = s2.to_layout(num_heads, num_kv_heads)
+    count = torch.zeros(num_blocks, num_blocks, dtype=torch.int32)
+    for g in range(num_kv_heads):       # one group at a time: memory stays one mask at long contexts
+        count += layout.block_mask(num_blocks, num_blocks, head_offset=g * layout.group_size, num_heads=1)[0]
+    return count
+
+
+def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_heads: int, layout: str,
+                seq_length: int, max_blocks: int = 64, max_groups: int = 8, title: str | None = None,
+                dpi: int = 80) -> dict:
+    """Draw the attention pattern of a hybrid model to ``path`` (PNG).
+
+    The per-head masks and the union show the first ``max_blocks`` blocks (the pattern repeats
+    further on); the coverage figure and the densities are computed at the full ``seq_length``.
+    Returns {"path", "densities", "coverage"}: coverage is the fraction of causal block pairs that
+    at least one head of an S layer computes.
+    """
+    if seq_length < 1 or seq_length % s2.block_size:
+        raise ValueError(f"seq_length ({seq_length}) must be a positive multiple of s2.block_size "
+                         f"({s2.block_size})")
+    if max_blocks < 1 or max_groups < 1:
+        raise ValueError(f"max_blocks ({max_blocks}) and max_groups ({max_groups}) must be >= 1")
+    densities = layer_densities(layout, s2, num_heads, num_kv_heads, seq_length)
+    n = seq_length // s2.block_size
+    count_full = head_coverage(s2, num_heads, num_kv_heads, n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    coverage = (count_full[causal] > 0).float().mean().item()
+    shown = min(n, max_blocks)
+    count = count_full[:shown, :shown].numpy()
+    s2_layout = s2.to_layout(num_heads, num_kv_heads)
+    groups = list(range(min(num_kv_heads, max_groups)))
+
+    fig = Figure(figsize=(max(1.3 * len(groups), 9.0), 6.4), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.8])
+    binary = ListedColormap(["#f2f2f2", SPARSE_COLOR])
+    for col, ax in enumerate(np.atleast_1d(top.subplots(1, len(groups)))):
+        g = groups[col]
+        mask = s2_layout.block_mask(shown, shown, head_offset=g * s2_layout.group_size, num_heads=1)[0]
+        ax.imshow(mask.numpy(), cmap=binary, interpolation="nearest", vmin=0, vmax=1)
+        first = g * s2_layout.group_size
+        heads = f"head {first}" if s2_layout.group_size == 1 else f"heads {first}-{first + s2_layout.group_size - 1}"
+        ax.set_title(heads + (" (dense)" if s2_layout.is_dense_kv_head(g) else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if col == 0:
+            ax.set_ylabel("query block", fontsize=8)
+
+    ax, bars = bottom.subplots(1, 2, width_ratios=[1, 1.2])
+    # Above the diagonal is blank; a causal block that no head computes shows red.
+    masked = np.ma.masked_where(~np.tri(shown, dtype=bool), count)
+    cmap = ListedColormap(_viridis(num_kv_heads)).with_extremes(under="#d62728", bad="white")
+    image = ax.imshow(masked, cmap=cmap, interpolation="nearest", vmin=0.5, vmax=num_kv_heads + 0.5)
+    bar = bottom.colorbar(image, ax=ax, ticks=range(1, num_kv_heads + 1), extend="min")
+    bar.set_label("kv groups computing the block (red: none)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_title(f"union over heads: {coverage:.0%} of causal blocks covered", fontsize=9)
+    ax.set_xlabel("key block", fontsize=8)
+    ax.set_ylabel("query block", fontsize=8)
+
+    ax = bars
+    colors = [DENSE_COLOR if kind == DENSE else SPARSE_COLOR for kind in layout]
+    ax.bar(range(len(layout)), densities, color=colors)
+    ax.set_ylim(0, 1.15)
+    ax.set_xlabel("layer", fontsize=8)
+    ax.set_ylabel("fraction of causal blocks computed", fontsize=8)
+    ax.set_title(f"layout {layout if len(layout) <= 16 else layout[:16] + '...'} "
+                 f"(orange D, blue S); S density {min(densities):.2f}", fontsize=9)
+    if len(layout) <= 16:
+        for i, (kind, d) in enumerate(zip(layout, densities)):
+            ax.text(i, d + 0.02, f"{kind}\n{d:.2f}", ha="center", fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.suptitle(title or (f"S2 pattern at seq {seq_length}: block {s2.block_size}, local "
+                           f"{s2.local_blocks} blocks, stride {s2.vert_stride}; {num_heads} heads / "
+                           f"{num_kv_heads} kv groups (first {shown} blocks shown)"), fontsize=9)
+    return {"path": _save(fig, path, dpi), "densities": densities, "coverage": coverage}
+
+
+def plot_speedups(path: str, results: list[dict], dpi: int = 80) -> str:
+    """Speed-up over the first layout (measured from the best step, and FLOPs-predicted) and
+    tokens/s, by sequence length, from ``megatron_s2.benchmark.run_sweep``'s results."""
+    if not results:
+        raise ValueError("results must hold at least one sequence length")
+    lengths = [r["benchmark"]["seq_length"] for r in results]
+    layouts = [row["layout"] for row in results[0]["layouts"]]
+    fig = Figure(figsize=(9.0, 3.6))
+    speed, tokens = fig.subplots(1, 2)
+    palette = ["#555555", SPARSE_COLOR, "#55a868", "#c44e52", "#8172b2"]
+    for i, layout in enumerate(layouts):
+        rows = [next(row for row in r["layouts"] if row["layout"] == layout) for r in results]
+        color = palette[i % len(palette)]
+        speed.plot(lengths, [row["measured_speedup"] for row in rows], "o-", color=color, label=f"{layout} measured")
+        speed.plot(lengths, [row["predicted_speedup"] for row in rows], "x--", color=color, label=f"{layout} FLOPs model")
+        tokens.plot(lengths, [row["tokens_per_s"] for row in rows], "o-", color=color, label=layout)
+    for ax in (speed, tokens):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_xlabel("sequence length", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    speed.set_ylabel(f"step speed-up over {layouts[0]}", fontsize=8)
+    tokens.set_ylabel("tokens/s (forward+backward)", fontsize=8)
+    speed.legend(fontsize=6)
+    tokens.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_loss_curves(path: str, runs: dict[str, list[dict]], dpi: int = 80) -> str:
+    """Training loss (left) and validation loss (right) against iteration, one line per run;
+    ``runs`` maps a label to that run's metrics.jsonl records."""
+    if not runs:
+        raise ValueError("runs must hold at least one run")
+    fig = Figure(figsize=(9.0, 3.6))
+    train, valid = fig.subplots(1, 2)
+    for label, records in runs.items():
+        steps = [r for r in records if "loss" in r]
+        evals = [r for r in records if "val_loss" in r]
+        train.plot([r["iteration"] for r in steps], [r["loss"] for r in steps], label=label)
+        valid.plot([r["iteration"] for r in evals], [r["val_loss"] for r in evals], "o-", label=label)
+    for ax, name in ((train, "training loss"), (valid, "validation loss")):
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylabel(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path, dpi)

@@ -1,0 +1,38 @@
+"""Loss curves of several training runs side by side and a table of their final losses.
+
+    python scripts/compare_runs.py runs/quality_dense runs/quality_hybrid runs/quality_window \
+        --labels dense hybrid window --figure compare.png
+
+Each argument is a run directory (or its metrics.jsonl); the first run is the baseline of the
+relative column.
+"""
+import argparse
+import json
+import os
+
+from megatron_s2.evaluation.compare import format_summary, read_metrics, summarize
+from megatron_s2.evaluation.plots import plot_loss_curves
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files")
+    p.add_argument("--labels", nargs="+", default=None, help="one per run (default: directory names)")
+    p.add_argument("--figure", default="compare_runs.png", help="PNG output path ('' for none)")
+    p.add_argument("--json", default=None, help="write the table as JSON here")
+    a = p.parse_args(argv)
+    if a.labels is not None and len(a.labels) != len(a.runs):
+        raise ValueError(f"--labels has {len(a.labels)} entries but {len(a.runs)} runs were given")
+    labels = a.labels or [os.path.basename(os.path.normpath(r)) for r in a.runs]
+    runs = {label: read_metrics(path) for label, path in zip(labels, a.runs)}
+    rows = summarize(runs)
+    print(format_summary(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if a.figure:
+        print(f"wrote {plot_loss_curves(a.figure, runs)}")
+
+
+if __name__ == "__main__":
+    main()

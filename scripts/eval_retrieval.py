@@ -1,0 +1,55 @@
+"""Long-range associative recall: make the training data, or score a trained run by distance.
+
+    python scripts/eval_retrieval.py generate --out data/retrieval           # train/valid datasets
+    python scripts/pretrain.py --config-name retrieval_hybrid                # (or _dense, _window)
+    python scripts/eval_retrieval.py evaluate runs/retrieval_hybrid --json recall.json
+
+The task, the distance and chance are described in megatron_s2/evaluation/retrieval.py. The
+window of the report is the run's S2 local window (attention.s2.local_blocks * block_size).
+"""
+import argparse
+import json
+import warnings
+
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+
+from megatron_s2.evaluation.retrieval import RecallTask, evaluate_recall, format_recall, write_dataset  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="write train/valid indexed datasets of recall documents")
+    gen.add_argument("--out", default="data/retrieval")
+    gen.add_argument("--seq-length", type=int, default=512)
+    gen.add_argument("--num-train", type=int, default=5000)
+    gen.add_argument("--num-valid", type=int, default=64)
+    gen.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("evaluate", help="accuracy by distance of a run's newest checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--num-documents", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=12345, help="evaluation documents (not the training seeds)")
+    ev.add_argument("--json", default=None, help="write the result here")
+    a = p.parse_args(argv)
+
+    if a.command == "generate":
+        meta = write_dataset(RecallTask(seq_length=a.seq_length), a.out, a.num_train, a.num_valid, a.seed)
+        print(f"wrote {a.out}/train ({meta['train']['documents']} documents) and {a.out}/valid "
+              f"({meta['valid']['documents']} documents)")
+        return
+
+    from megatron_s2.evaluation.checkpoints import logits_function, trained_model
+    with trained_model(a.run_dir) as (model, cfg, path):
+        s2 = cfg.attention.s2
+        result = evaluate_recall(logits_function(model), RecallTask(seq_length=cfg.train.seq_length),
+                                 window=s2.local_blocks * s2.block_size, num_documents=a.num_documents,
+                                 seed=a.seed)
+    result.update(run_dir=a.run_dir, checkpoint=path, layout=cfg.attention.layout)
+    print(format_recall(result, f"{cfg.run.name} ({cfg.attention.layout}, {path})"))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

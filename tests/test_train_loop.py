@@ -124,18 +124,22 @@ ckpt.save_checkpoint(ckpt_dir, 6, state, meta, keep_last=2)
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, cache_dir):
+    """The half-written save is ignored; the previous checkpoint loads and the run continues on
+    the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
     ckpt_dir = str(run_dir / "checkpoints")
-    _run(run_dir, cache_dir, "train.iters=4", "checkpoint.interval=2")
+    _run(tmp_path / "straight", cache_dir, "train.iters=6", "train.lr_decay_iters=6")
+    _run(run_dir, cache_dir, "train.iters=4", "checkpoint.interval=2", "train.lr_decay_iters=6")
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, ckpt_dir], env=_env(tmp_path),
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert os.path.isdir(os.path.join(ckpt_dir, "tmp_iter_0000006"))
     assert latest_checkpoint(ckpt_dir).endswith("iter_0000004")
 
-    result = _run(run_dir, cache_dir, "train.iters=6", "checkpoint.interval=2")
+    result = _run(run_dir, cache_dir, "train.iters=6", "checkpoint.interval=2", "train.lr_decay_iters=6")
     assert result["iteration"] == 6
     assert [r["iteration"] for r in _records(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert _losses(run_dir) == _losses(tmp_path / "straight")
     assert [i for i, _ in complete_checkpoints(ckpt_dir)] == [4, 6]
     assert not os.path.exists(os.path.join(ckpt_dir, "tmp_iter_0000006"))
 

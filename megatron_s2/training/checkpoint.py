@@ -106,7 +106,7 @@ def save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: dic
                 json.dump({**meta, "iteration": iteration}, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-    except Exception as e:
+    except (Exception, dcp.CheckpointException) as e:     # the latter is a BaseException
         # Disk full, quota, a vanished mount: the complete checkpoints are untouched (old ones are
         # deleted only after a save succeeds), the partial tmp_ directory is ignored by resume.
         raise CheckpointSaveError(
@@ -131,8 +131,8 @@ def _root_cause(error: BaseException) -> str:
     seen = [error]
     while seen[-1].__cause__ is not None or seen[-1].__context__ is not None:
         seen.append(seen[-1].__cause__ or seen[-1].__context__)
-    failures = getattr(error, "failures", {}) or {}
-    seen += [f for f in failures.values() if isinstance(f, BaseException)]
+    for failure in (getattr(error, "failures", None) or {}).values():     # rank -> (exception, traceback)
+        seen.append(failure[0] if isinstance(failure, tuple) else failure)
     for e in seen:
         if isinstance(e, OSError):
             return f"{type(e).__name__}: {e}"

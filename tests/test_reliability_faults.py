@@ -1,0 +1,124 @@
+"""Faults: a rank killed mid-training (torchrun, gloo) fails the job fast and the next launch
+resumes from the newest complete checkpoint on the uninterrupted run's losses; a full disk during
+a save raises a clear error and keeps the last complete checkpoint, which the next launch resumes.
+(A kill during a save: tests/test_train_loop.py::test_kill_during_save_keeps_previous_checkpoint.)"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_s2.training.checkpoint import CheckpointSaveError, complete_checkpoints
+from test_train_loop import PRETRAIN, TINY, _env, _records, _run
+
+SCHEDULE = ["train.lr_decay_iters=8"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("s2cache"))
+
+
+def _losses(run_dir) -> dict[int, float]:
+    """The last logged loss of every iteration (a resumed run logs again from its checkpoint)."""
+    return {r["iteration"]: r["loss"] for r in _records(run_dir) if "loss" in r}
+
+
+def _torchrun_command(run_dir, cache_dir, *overrides) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", PRETRAIN,
+            *TINY, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "checkpoint.interval=2",
+            "parallel.distributed_timeout_minutes=1", *SCHEDULE, *overrides]
+
+
+def _worker_pid(launcher_pid: int, local_rank: int) -> int:
+    """The torchrun worker with this LOCAL_RANK (a child of the launcher)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == launcher_pid and f"LOCAL_RANK={local_rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under pid {launcher_pid}")
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_fast_and_next_launch_resumes(tmp_path, cache_dir):
+    straight = subprocess.run(_torchrun_command(tmp_path / "straight", cache_dir, "train.iters=8"),
+                              env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(_torchrun_command(run_dir, cache_dir, "train.iters=8"), env=_env(tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in launcher.stdout:            # rank 0 has logged step 3: kill rank 1
+            if line.startswith("iter 3/"):
+                os.kill(_worker_pid(launcher.pid, local_rank=1), signal.SIGKILL)
+                killed_at = time.monotonic()
+                break
+        launcher.stdout.read()
+        returncode = launcher.wait(timeout=120)
+        failed_after = time.monotonic() - killed_at
+    finally:
+        launcher.kill()
+    assert returncode != 0
+    assert failed_after < 60, f"the job took {failed_after:.0f}s to fail after a rank died"
+    saved = [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))]
+    assert saved and saved[-1] in (2, 4), saved
+
+    resumed = subprocess.run(_torchrun_command(run_dir, cache_dir, "train.iters=8"),
+                             env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/iter_{saved[-1]:07d}" in resumed.stdout
+    assert _losses(run_dir) == _losses(tmp_path / "straight")       # bit-identical, every step
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A tmpfs mount (root only; skipped where mounting is not permitted) and a resize function."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+
+    def resize(size_kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size_kib}k", str(mount)], check=True)
+    yield mount, resize
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _used_kib(path) -> int:
+    stats = os.statvfs(path)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize // 1024
+
+
+def test_disk_full_during_save_keeps_last_checkpoint(tmp_path, cache_dir, small_tmpfs):
+    mount, resize = small_tmpfs
+    run_dir, overrides = tmp_path / "run", [f"checkpoint.dir={mount}/checkpoints", "checkpoint.interval=2",
+                                            *SCHEDULE]
+    _run(run_dir, cache_dir, "train.iters=2", *overrides)
+    one_checkpoint = _used_kib(mount)
+    resize(one_checkpoint * 3 // 2)            # room for half of the next checkpoint
+
+    with pytest.raises(CheckpointSaveError) as info:
+        _run(run_dir, cache_dir, "train.iters=4", *overrides)
+    message = str(info.value)
+    assert "\n" not in message, message       # one line: the OSError, not dcp's per-rank tracebacks
+    assert "iteration 4" in message and "No space left on device" in message, message
+    assert f"{mount}/checkpoints/iter_0000002, is kept" in message, message
+    assert [i for i, _ in complete_checkpoints(str(mount / "checkpoints"))] == [2]
+    before_failure = _losses(run_dir)
+
+    resize(64 * 1024)                           # space again: the kept checkpoint resumes
+    result = _run(run_dir, cache_dir, "train.iters=4", *overrides)
+    assert result["iteration"] == 4
+    assert [i for i, _ in complete_checkpoints(str(mount / "checkpoints"))] == [2, 4]
+    assert _losses(run_dir) == before_failure   # steps 3 and 4 again, the same losses

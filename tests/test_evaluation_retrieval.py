@@ -1,59 +1,61 @@
-"""Associative recall: the generator's questions against an independent re-reading of the text,
+"""Associative recall: the generator's questions against an independent re-reading of the ids,
 the scorer against oracles, a tiny untrained model, and a checkpoint round trip through the trainer."""
 import random
 
 import pytest
 import torch
 
-from megatron_s2.evaluation.retrieval import (RecallTask, distance_buckets, document_tokens,
-                                              evaluate_recall, generate_document, write_dataset)
-
-VOCAB = 257
+from megatron_s2.evaluation.retrieval import (EOD, VOCAB, RecallTask, distance_buckets, evaluate_recall,
+                                              generate_document, write_dataset)
 
 
-def reread(text):
-    """(position of each asked value, its distance, the value) from the text alone."""
-    last, out = {}, []
-    for start in range(0, len(text) - 3, 4):
-        key, op, val = text[start], text[start + 1], text[start + 2]
-        if op == "?":
-            out.append((start + 2, start + 2 - last[key][0], last[key][1]))
-        if op in "=?":
-            last[key] = (start + 2, val)
+def reread(task, tokens):
+    """(position of each asked value, its distance, the value id) from the ids alone."""
+    bound, out = {}, []
+    for i, t in enumerate(tokens):
+        if t < task.num_keys * task.num_values:                   # a binding token
+            bound[t // task.num_values] = (i, t % task.num_values)
+        elif t == task.ask_id:
+            key = tokens[i + 1] - task.key_id(0)
+            where, value = bound[key]
+            out.append((i + 2, i + 2 - where, task.value_id(value)))
     return out
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_documents_have_the_exact_length_and_honest_questions(seed):
-    task = RecallTask(seq_length=256)
-    text, questions = generate_document(task, random.Random(seed))
-    assert len(text) == 255 and len(document_tokens(text)) == 256
-    assert [(q.position, q.distance, q.value) for q in questions] == reread(text)
-    assert all(text[q.position] == q.value for q in questions)
-    bound = [text[i] for i in range(0, len(text) - 3, 4) if text[i + 1] == "="]
-    assert len(bound) == len(set(bound))        # a key is bound once
+    task = RecallTask(seq_length=256, num_keys=8)
+    tokens, questions = generate_document(task, random.Random(seed))
+    assert len(tokens) == 256 and tokens[-1] == EOD and max(tokens[:-1]) < EOD
+    assert [(q.position, q.distance, q.value_id) for q in questions] == reread(task, tokens)
+    assert len(questions) == 8 and all(tokens[q.position] == q.value_id for q in questions)
+    assert all(tokens[q.position - 1] == task.key_id(0) + (tokens[q.position - q.distance] // task.num_values)
+               for q in questions)                      # asks the key of the binding it is scored on
 
 
-def oracle(flip=False):
-    """Logits that put all mass on the recalled value (or on a wrong digit with ``flip``)."""
+def test_task_rejects_ids_beyond_the_vocabulary():
+    with pytest.raises(ValueError, match="token ids must fit"):
+        RecallTask(num_keys=30, num_values=10)
+
+
+def oracle(task, flip=False):
+    """Logits that put all mass on the recalled value (or on a wrong value with ``flip``)."""
     def logits(tokens):
         out = torch.zeros(*tokens.shape, VOCAB)
         for b, row in enumerate(tokens.tolist()):
-            text = bytes(t for t in row if t < 256).decode()
-            for position, _, value in reread(text):
-                guess = str((int(value) + 1) % 10) if flip else value
-                out[b, position - 1, ord(guess)] = 1.0
+            for position, _, value_id in reread(task, row):
+                guess = task.value_id((value_id - task.value_id(0) + 1) % task.num_values) if flip else value_id
+                out[b, position - 1, guess] = 1.0
         return out
     return logits
 
 
 def test_scorer_gives_full_marks_to_the_oracle_and_none_to_a_wrong_one():
-    task = RecallTask(seq_length=256)
-    right = evaluate_recall(oracle(), task, window=32, num_documents=4, batch_size=3)
-    wrong = evaluate_recall(oracle(flip=True), task, window=32, num_documents=4, batch_size=3)
-    expected = sum(len(generate_document(task, random.Random(12345))[1]) for _ in range(1))
+    task = RecallTask(seq_length=256, num_keys=8)
+    right = evaluate_recall(oracle(task), task, window=32, num_documents=4, batch_size=3)
+    wrong = evaluate_recall(oracle(task, flip=True), task, window=32, num_documents=4, batch_size=3)
+    assert sum(b["questions"] for b in right["buckets"]) == 4 * 8
     assert right["beyond_window"]["accuracy"] == 1.0 and wrong["beyond_window"]["accuracy"] == 0.0
-    assert sum(b["questions"] for b in right["buckets"]) > expected    # 4 documents, not one
     assert [(b["lo"], b["hi"]) for b in right["buckets"]] == distance_buckets(32, 256) == \
         [(1, 32), (32, 64), (64, 128), (128, 256)]
 
@@ -65,15 +67,14 @@ def test_untrained_model_round_trip():
     from megatron_s2.evaluation.checkpoints import logits_function
     from megatron_s2.parallel import model_parallel_session
 
-    task = RecallTask(seq_length=64)
+    task = RecallTask(seq_length=64, num_keys=4)
     with model_parallel_session(1):
         config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=2,
                                    attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True)
         model = build_gpt_model(config, S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=2),
                                 "SD", vocab_size=VOCAB + 7, max_sequence_length=64).eval()
         result = evaluate_recall(logits_function(model), task, window=32, num_documents=3)
-    total = sum(len(generate_document(task, random.Random(12345))[1]) for _ in range(1))
-    assert sum(b["questions"] for b in result["buckets"]) >= total
+    assert sum(b["questions"] for b in result["buckets"]) == 3 * 4
     assert all(b["accuracy"] is None or 0.0 <= b["accuracy"] <= 1.0 for b in result["buckets"])
 
 
@@ -87,7 +88,7 @@ def test_checkpoint_round_trip_reproduces_the_trainers_validation_loss(tmp_path)
     from megatron_s2.training.data import ByteTokenizer, build_datasets, get_micro_batch
 
     data = tmp_path / "data"
-    write_dataset(RecallTask(seq_length=64), str(data), num_train=40, num_valid=8)
+    write_dataset(RecallTask(seq_length=64, num_keys=4), str(data), num_train=40, num_valid=8)
     overrides = [f"data.prefixes=[{data}/train]", f"data.valid_prefixes=[{data}/valid]",
                  "train.seq_length=64", "train.iters=2", "train.warmup_iters=1", "train.eval_interval=2",
                  "train.micro_batch_size=2", "train.global_batch_size=2", "model.hidden_size=32",

@@ -1,63 +1,75 @@
 """Long-range associative recall: synthetic documents, training data, and accuracy by distance.
 
-A document is a run of 4-character items over a byte vocabulary::
+A document is a sequence of token ids (within the byte tokenizer's vocabulary) made of filler and
+two kinds of events, one of each per key::
 
-    c=7;q=2;c?7;x=0;q?2;...
+    . . . P(k,v) . . . . . . . . ? k v . . . P(j,u) . . . ? j u . .
 
-``k=v;`` binds key ``k`` (a lowercase letter, each bound once per document) to a random digit
-``v``; ``k?v;`` asks for a bound key again (a random one, or the least recently mentioned one for
-long distances), and its value must be recalled. The scored tokens are
-the values after ``?``: a model predicts them only by finding the key's previous mention (a binding
-or an earlier question). The **distance** of a question is the number of tokens from that previous
-mention's value to the asked value. Questions whose distance is beyond a model's local window can
-be answered only by attention that reaches past the window; chance is 1 in ``num_values``.
+``P(k,v)`` is one token that binds key ``k`` to a random value ``v`` (one id per key-value pair);
+the question ``? k v`` asks for the key later, and ``v`` must be recalled: the only place it
+appears before is the binding token. The **distance** of a question is the number of tokens from
+the binding to the asked value. Questions whose binding lies beyond a model's local window can be
+answered only by attention that reaches past the window; chance is 1 / ``num_values``. Every key is
+bound once and asked once, so no nearer mention can stand in for the binding.
 
-Every document is ``seq_length - 1`` bytes plus the byte tokenizer's end-of-document token, i.e.
+Every document is ``seq_length - 1`` ids plus the byte tokenizer's end-of-document token, i.e.
 exactly ``seq_length`` tokens: Megatron's GPTDataset then cuts training samples at document
 boundaries. ``write_dataset`` writes train/valid indexed datasets for ``scripts/pretrain.py``
-(recipes/retrieval_*.yaml); ``evaluate_recall`` scores any ``tokens -> logits`` function.
+(recipes/retrieval_*.yaml, data.tokenizer byte); ``evaluate_recall`` scores any
+``tokens -> logits`` function.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import string
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-ITEM = 4   # "k=v;" / "k?v;"
-FILLER = "."
+EOD, VOCAB = 256, 257        # the byte tokenizer's end-of-document id and vocabulary
 
 
 @dataclass(frozen=True)
 class RecallTask:
-    """The synthetic task's shape."""
+    """The synthetic task's shape; token ids: pairs first, then keys, values, ``?``, filler."""
 
     seq_length: int = 512
-    """Tokens per document (its bytes plus the end-of-document token)."""
-    num_keys: int = 26
-    """Distinct keys per document (lowercase letters, at most 26)."""
+    """Tokens per document (end-of-document token included)."""
+    num_keys: int = 20
+    """Keys per document, each bound once and asked once."""
     num_values: int = 10
-    """Values are the first ``num_values`` digits; chance accuracy is 1 / num_values."""
-    new_key_probability: float = 0.5
-    """Chance that an item binds a new key (while keys are left) rather than asks a bound one."""
-    oldest_key_probability: float = 0.5
-    """Chance that a question asks the least recently mentioned key (long distances) rather than
-    a uniformly drawn bound key."""
+    """Values per key; chance accuracy is 1 / num_values."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.seq_length, int) and self.seq_length >= 2 * ITEM + 1):
-            raise ValueError(f"seq_length must be an integer >= {2 * ITEM + 1}, got {self.seq_length!r}")
-        if not 1 <= self.num_keys <= 26:
-            raise ValueError(f"num_keys must be in [1, 26], got {self.num_keys!r}")
-        if not 2 <= self.num_values <= 10:
-            raise ValueError(f"num_values must be in [2, 10], got {self.num_values!r}")
-        if not 0.0 < self.new_key_probability <= 1.0:
-            raise ValueError(f"new_key_probability must be in (0, 1], got {self.new_key_probability!r}")
-        if not 0.0 <= self.oldest_key_probability <= 1.0:
-            raise ValueError(f"oldest_key_probability must be in [0, 1], got {self.oldest_key_probability!r}")
+        for name in ("seq_length", "num_keys", "num_values"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.num_values < 2:
+            raise ValueError(f"num_values must be >= 2, got {self.num_values}")
+        if self.filler_id >= EOD:
+            raise ValueError(f"num_keys * num_values + num_keys + num_values + 2 ({self.filler_id + 1}) "
+                             f"token ids must fit below the end-of-document id {EOD}")
+        if self.seq_length - 1 < 4 * self.num_keys:
+            raise ValueError(f"seq_length ({self.seq_length}) must be > 4 * num_keys ({4 * self.num_keys})")
+
+    def pair_id(self, key: int, value: int) -> int:
+        return key * self.num_values + value
+
+    def key_id(self, key: int) -> int:
+        return self.num_keys * self.num_values + key
+
+    def value_id(self, value: int) -> int:
+        return self.num_keys * (self.num_values + 1) + value
+
+    @property
+    def ask_id(self) -> int:
+        return self.value_id(self.num_values)
+
+    @property
+    def filler_id(self) -> int:
+        return self.ask_id + 1
 
     @property
     def chance(self) -> float:
@@ -71,45 +83,41 @@ class Question:
     position: int
     """Index of the asked value in the document."""
     distance: int
-    """Tokens from the key's previous mention's value to this value."""
-    value: str
+    """Tokens from the key's binding to this value."""
+    value_id: int
 
 
-def generate_document(task: RecallTask, rng: random.Random) -> tuple[str, list[Question]]:
-    """A document of ``task.seq_length - 1`` characters and its questions, from ``rng``."""
-    keys = rng.sample(string.ascii_lowercase, task.num_keys)
-    digits = string.digits[:task.num_values]
-    value, last_mention = {}, {}
-    parts, questions = [], []
-    for item in range((task.seq_length - 1) // ITEM):
-        start = item * ITEM
-        fresh = [k for k in keys if k not in value]
-        if fresh and (not value or rng.random() < task.new_key_probability):
-            key = fresh[0]
-            value[key] = rng.choice(digits)
-            parts.append(f"{key}={value[key]};")
+def generate_document(task: RecallTask, rng: random.Random) -> tuple[list[int], list[Question]]:
+    """A document (``task.seq_length`` ids, the last one end-of-document) and its questions."""
+    n_events = 2 * task.num_keys
+    slots = task.seq_length - 1 - 2 * task.num_keys        # a question takes 3 tokens, a binding 1
+    event_slots = sorted(rng.sample(range(slots), n_events))
+    order = [k for k in range(task.num_keys) for _ in range(2)]
+    rng.shuffle(order)                                    # a key's first event binds, its second asks
+    values = [rng.randrange(task.num_values) for _ in range(task.num_keys)]
+    tokens, questions, bound_at = [], [], {}
+    next_slot = 0
+    for slot, key in zip(event_slots, order):
+        tokens += [task.filler_id] * (slot - next_slot)
+        next_slot = slot + 1
+        if key not in bound_at:
+            bound_at[key] = len(tokens)
+            tokens.append(task.pair_id(key, values[key]))
         else:
-            if rng.random() < task.oldest_key_probability:
-                key = min(value, key=last_mention.get)
-            else:
-                key = rng.choice(sorted(value))
-            questions.append(Question(start + 2, start + 2 - last_mention[key], value[key]))
-            parts.append(f"{key}?{value[key]};")
-        last_mention[key] = start + 2
-    text = "".join(parts)
-    return text + FILLER * (task.seq_length - 1 - len(text)), questions
-
-
-def document_tokens(text: str) -> list[int]:
-    """The byte tokenizer's ids of a document, end-of-document token included."""
-    from megatron_s2.training.data import ByteTokenizer   # the trainer's tokenizer, so the ids agree
-    return ByteTokenizer().tokenize(text).tolist() + [ByteTokenizer.eod]
+            tokens += [task.ask_id, task.key_id(key), task.value_id(values[key])]
+            questions.append(Question(len(tokens) - 1, len(tokens) - 1 - bound_at[key],
+                                      task.value_id(values[key])))
+    tokens += [task.filler_id] * (slots - next_slot) + [EOD]
+    return tokens, questions
 
 
 def write_dataset(task: RecallTask, output_dir: str, num_train: int, num_valid: int, seed: int = 0) -> dict:
-    """Write ``output_dir``/{train,valid}.bin/.idx (byte tokenizer) and task.json; returns the
-    metadata. Train and valid documents come from different seeds."""
-    from megatron_s2.training.data import ByteTokenizer, prepare_dataset
+    """Write ``output_dir``/{train,valid}.bin/.idx/.json (ids of the byte tokenizer's vocabulary,
+    with its metadata sidecar) and task.json; returns the metadata. Train and valid documents come
+    from different seeds."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_s2.training.data import ByteTokenizer
 
     if num_train < 1 or num_valid < 1:
         raise ValueError(f"num_train ({num_train}) and num_valid ({num_valid}) must be >= 1")
@@ -117,13 +125,17 @@ def write_dataset(task: RecallTask, output_dir: str, num_train: int, num_valid: 
     meta = {"task": task.__dict__, "seed": seed}
     for split, count, split_seed in (("train", num_train, seed), ("valid", num_valid, seed + 1)):
         rng = random.Random(split_seed)
-        jsonl = os.path.join(output_dir, f"{split}.jsonl")
-        with open(jsonl, "w") as f:
-            for _ in range(count):
-                f.write(json.dumps({"text": generate_document(task, rng)[0]}) + "\n")
-        info = prepare_dataset([jsonl], os.path.join(output_dir, split), ByteTokenizer(), progress=False)
-        os.remove(jsonl)
-        meta[split] = {"documents": info["documents"], "tokens": info["tokens"]}
+        prefix = os.path.join(output_dir, split)
+        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+        for _ in range(count):
+            tokens = generate_document(task, rng)[0]
+            builder.add_document(np.array(tokens, dtype=np.int64), [len(tokens)])
+        builder.finalize(prefix + ".idx")
+        info = {"tokenizer": ByteTokenizer().unique_identifiers, "vocab_size": VOCAB, "eod": EOD,
+                "documents": count, "tokens": count * task.seq_length}
+        with open(prefix + ".json", "w") as f:
+            json.dump(info, f, indent=2)
+        meta[split] = {"documents": count, "tokens": info["tokens"]}
     with open(os.path.join(output_dir, "task.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -155,13 +167,13 @@ def evaluate_recall(logits_fn, task: RecallTask, *, window: int, num_documents: 
     buckets = [{"lo": lo, "hi": hi, "questions": 0, "correct": 0} for lo, hi in distance_buckets(window, task.seq_length)]
     for first in range(0, num_documents, batch_size):
         batch = docs[first:first + batch_size]
-        tokens = torch.tensor([document_tokens(text) for text, _ in batch], device=device)
+        tokens = torch.tensor([doc for doc, _ in batch], device=device)
         predicted = logits_fn(tokens).argmax(dim=-1).cpu()
-        for row, (text, questions) in enumerate(batch):
+        for row, (_, questions) in enumerate(batch):
             for q in questions:
                 bucket = next(b for b in buckets if b["lo"] <= q.distance < b["hi"])
                 bucket["questions"] += 1
-                bucket["correct"] += int(predicted[row, q.position - 1].item() == ord(q.value))
+                bucket["correct"] += int(predicted[row, q.position - 1].item() == q.value_id)
     for b in buckets:
         b["accuracy"] = b["correct"] / b["questions"] if b["questions"] else None
     far = [b for b in buckets if b["lo"] >= window]

@@ -140,6 +140,23 @@ def exchange_bytes(layout: S2Layout | None, geo: CPGeometry, *, batch: int, kv_h
     return out
 
 
+def cp_exchange_report(config, s2, layout: str, seq_len: int, micro_batch_size: int, cp_rank: int,
+                       head_offset: int = 0) -> str:
+    """One line for the training log: K/V bytes this rank receives per layer per micro-batch forward
+    (the backward returns as many) under each exchange, for the S and the D layers."""
+    tp, cp = config.tensor_model_parallel_size, config.context_parallel_size
+    kv_heads = config.num_query_groups // tp
+    s2_layout = s2.to_layout(config.num_attention_heads, config.num_query_groups)
+    element = 2 if config.bf16 or config.fp16 else config.params_dtype.itemsize
+    kw = dict(batch=micro_batch_size, kv_heads=kv_heads, head_dim=config.kv_channels, element_bytes=element)
+    sparse = exchange_bytes(s2_layout, CPGeometry(cp, cp_rank, seq_len, s2.block_size), head_offset=head_offset, **kw)
+    mib = lambda n: f"{n / 2**20:.2f} MiB"
+    return (f"context parallel K/V exchange per layer per forward (rank {cp_rank}): S layers "
+            f"{s2.cp_exchange} {mib(sparse[s2.cp_exchange])} (sparse {mib(sparse['sparse'])}, all-gather "
+            f"{mib(sparse['all_gather'])}); D layers all-gather {mib(sparse['all_gather'])}; "
+            f"{layout.count('S')} S + {layout.count('D')} D layers")
+
+
 # -- the exchanges --------------------------------------------------------------------------------
 def _place_local(local_bshd: torch.Tensor, geo: CPGeometry, rank: int, full_bshd: torch.Tensor) -> None:
     """Write rank's two local chunks into their absolute place in ``full_bshd``."""

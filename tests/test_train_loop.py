@@ -172,12 +172,12 @@ def _torchrun(tmp_path, run_dir, cache_dir, *overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["parallel.tp=2", "parallel.tp=1"])
+@pytest.mark.parametrize("parallel", ["parallel.tp=2", "parallel.tp=1", "parallel.cp=2"])
 def test_two_processes_match_one(tmp_path, cache_dir, parallel):
-    """tp=2 (or dp=2) on two gloo processes gives the single-process losses (fp32, same seed), and
+    """tp=2 (or dp=2, or cp=2) on two gloo processes gives the single-process losses (fp32, same seed), and
     its checkpoint resumes in one process (resharded by dist_checkpointing) on the same track.
     The vocabulary is padded to a multiple of 128 * tp: pad every run to the same size."""
-    tp = int(parallel.split("=")[1])
+    tp = int(parallel.split("=")[1]) if parallel.startswith("parallel.tp") else 1
     schedule = ["train.lr_decay_iters=6"]
     _run(tmp_path / "single", cache_dir, "train.iters=6", "model.make_vocab_size_divisible_by=256", *schedule)
     _torchrun(tmp_path, tmp_path / "pair", cache_dir, "train.iters=4", parallel,

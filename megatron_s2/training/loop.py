@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_s2 import build_gpt_model, training_flops_per_token
+from megatron_s2.context_parallel import cp_exchange_report, split_batch_for_cp
 
 from . import checkpoint as ckpt
 from .config import Device, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
@@ -214,6 +214,11 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
                 f"cp {cfg.parallel.cp} x pp {cfg.parallel.pp} | accumulation {accumulation} | "
                 f"{flops.sparse / 1e9:.3f} GFLOP/token (dense-equivalent {flops.dense_equivalent / 1e9:.3f}) "
                 f"| run.dir {cfg.run.dir}")
+    if cfg.parallel.cp > 1:
+        log.message(cp_exchange_report(config, cfg.attention.s2, cfg.attention.layout, t.seq_length,
+                                       t.micro_batch_size, parallel_state.get_context_parallel_rank(),
+                                       head_offset=parallel_state.get_tensor_model_parallel_rank()
+                                       * config.num_attention_heads // cfg.parallel.tp))
 
     def global_batch(dataset, first_sample):
         batches = []
@@ -221,7 +226,7 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
             start = micro_batch_start(first_sample, step, dp_rank, dp_size, t.micro_batch_size)
             batch = get_micro_batch(dataset, start, t.micro_batch_size)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            batches.append(get_batch_on_this_cp_rank(batch))
+            batches.append(split_batch_for_cp(batch, cfg.parallel.cp, parallel_state.get_context_parallel_rank()))
         return batches
 
     def evaluate() -> float:

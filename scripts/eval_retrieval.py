@@ -9,6 +9,7 @@ window of the report is the run's S2 local window (attention.s2.local_blocks * b
 """
 import argparse
 import json
+import os
 import warnings
 
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
@@ -21,27 +22,36 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write train/valid indexed datasets of recall documents")
     gen.add_argument("--out", default="data/retrieval")
-    gen.add_argument("--seq-length", type=int, default=512)
-    gen.add_argument("--num-train", type=int, default=5000)
+    gen.add_argument("--seq-length", type=int, default=256)
+    gen.add_argument("--num-keys", type=int, default=40)
+    gen.add_argument("--num-values", type=int, default=10)
+    gen.add_argument("--num-train", type=int, default=8000)
     gen.add_argument("--num-valid", type=int, default=64)
     gen.add_argument("--seed", type=int, default=0)
     ev = sub.add_parser("evaluate", help="accuracy by distance of a run's newest checkpoint")
     ev.add_argument("run_dir")
+    ev.add_argument("--data", default="data/retrieval", help="the generated data (its task.json: the task's shape)")
     ev.add_argument("--num-documents", type=int, default=64)
     ev.add_argument("--seed", type=int, default=12345, help="evaluation documents (not the training seeds)")
     ev.add_argument("--json", default=None, help="write the result here")
     a = p.parse_args(argv)
 
     if a.command == "generate":
-        meta = write_dataset(RecallTask(seq_length=a.seq_length), a.out, a.num_train, a.num_valid, a.seed)
+        task = RecallTask(seq_length=a.seq_length, num_keys=a.num_keys, num_values=a.num_values)
+        meta = write_dataset(task, a.out, a.num_train, a.num_valid, a.seed)
         print(f"wrote {a.out}/train ({meta['train']['documents']} documents) and {a.out}/valid "
               f"({meta['valid']['documents']} documents)")
         return
 
     from megatron_s2.evaluation.checkpoints import logits_function, trained_model
+    with open(os.path.join(a.data, "task.json")) as f:
+        task = RecallTask(**json.load(f)["task"])
     with trained_model(a.run_dir) as (model, cfg, path):
         s2 = cfg.attention.s2
-        result = evaluate_recall(logits_function(model), RecallTask(seq_length=cfg.train.seq_length),
+        if cfg.train.seq_length != task.seq_length:
+            raise ValueError(f"run {a.run_dir} has train.seq_length={cfg.train.seq_length} but the task in "
+                             f"{a.data} has seq_length={task.seq_length}")
+        result = evaluate_recall(logits_function(model), task,
                                  window=s2.local_blocks * s2.block_size, num_documents=a.num_documents,
                                  seed=a.seed)
     result.update(run_dir=a.run_dir, checkpoint=path, layout=cfg.attention.layout)

@@ -13,12 +13,11 @@ def reread(task, tokens):
     """(position of each asked value, its distance, the value id) from the ids alone."""
     bound, out = {}, []
     for i, t in enumerate(tokens):
-        if t < task.num_keys * task.num_values:                   # a binding token
-            bound[t // task.num_values] = (i, t % task.num_values)
+        if t < task.num_keys and tokens[i - 1] != task.ask_id:          # a key after its value
+            bound[t] = i - 1
         elif t == task.ask_id:
-            key = tokens[i + 1] - task.key_id(0)
-            where, value = bound[key]
-            out.append((i + 2, i + 2 - where, task.value_id(value)))
+            where = bound[tokens[i + 1]]
+            out.append((i + 2, i + 2 - where, tokens[where]))
     return out
 
 
@@ -29,13 +28,15 @@ def test_documents_have_the_exact_length_and_honest_questions(seed):
     assert len(tokens) == 256 and tokens[-1] == EOD and max(tokens[:-1]) < EOD
     assert [(q.position, q.distance, q.value_id) for q in questions] == reread(task, tokens)
     assert len(questions) == 8 and all(tokens[q.position] == q.value_id for q in questions)
-    assert all(tokens[q.position - 1] == task.key_id(0) + (tokens[q.position - q.distance] // task.num_values)
-               for q in questions)                      # asks the key of the binding it is scored on
+    for q in questions:     # the asked key is the one after the binding's value, seen nowhere else
+        key = tokens[q.position - 1]
+        assert tokens[q.position - q.distance + 1] == key
+        assert [i for i, t in enumerate(tokens) if t == key] == [q.position - q.distance + 1, q.position - 1]
 
 
 def test_task_rejects_ids_beyond_the_vocabulary():
     with pytest.raises(ValueError, match="token ids must fit"):
-        RecallTask(num_keys=30, num_values=10)
+        RecallTask(seq_length=2048, num_keys=250, num_values=10)
 
 
 def oracle(task, flip=False):

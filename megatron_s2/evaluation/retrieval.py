@@ -3,14 +3,16 @@
 A document is a sequence of token ids (within the byte tokenizer's vocabulary) made of filler and
 two kinds of events, one of each per key::
 
-    . . . P(k,v) . . . . . . . . ? k v . . . P(j,u) . . . ? j u . .
+    . . . v k . . . . . . . . ? k v . . . u j . . . ? j u . .
 
-``P(k,v)`` is one token that binds key ``k`` to a random value ``v`` (one id per key-value pair);
-the question ``? k v`` asks for the key later, and ``v`` must be recalled: the only place it
-appears before is the binding token. The **distance** of a question is the number of tokens from
-the binding to the asked value. Questions whose binding lies beyond a model's local window can be
-answered only by attention that reaches past the window; chance is 1 / ``num_values``. Every key is
-bound once and asked once, so no nearer mention can stand in for the binding.
+The binding ``v k`` puts a random value ``v`` just before key ``k``; the question ``? k v`` asks
+for the key later, and ``v`` must be recalled: the value before the key's only earlier
+occurrence. (A model finds the earlier ``k`` by its identity and reads the token before it: one
+local previous-token step, then one lookup that may reach far back.) The **distance** of a
+question is the number of tokens from the binding's value to the asked value. Questions whose
+binding lies beyond a model's local window can be answered only by attention that reaches past
+the window; chance is 1 / ``num_values``. Every key is bound once and asked once, so no nearer
+mention can stand in for the binding.
 
 Every document is ``seq_length - 1`` ids plus the byte tokenizer's end-of-document token, i.e.
 exactly ``seq_length`` tokens: Megatron's GPTDataset then cuts training samples at document
@@ -33,14 +35,14 @@ EOD, VOCAB = 256, 257        # the byte tokenizer's end-of-document id and vocab
 
 @dataclass(frozen=True)
 class RecallTask:
-    """The synthetic task's shape; token ids: pairs first, then keys, values, ``?``, filler."""
+    """The synthetic task's shape; token ids: keys first, then values, ``?``, filler."""
 
-    seq_length: int = 512
+    seq_length: int = 256
     """Tokens per document (end-of-document token included)."""
-    num_keys: int = 20
+    num_keys: int = 40
     """Keys per document, each bound once and asked once."""
     num_values: int = 10
-    """Values per key; chance accuracy is 1 / num_values."""
+    """Values a key can take; chance accuracy is 1 / num_values."""
 
     def __post_init__(self) -> None:
         for name in ("seq_length", "num_keys", "num_values"):
@@ -49,19 +51,16 @@ class RecallTask:
         if self.num_values < 2:
             raise ValueError(f"num_values must be >= 2, got {self.num_values}")
         if self.filler_id >= EOD:
-            raise ValueError(f"num_keys * num_values + num_keys + num_values + 2 ({self.filler_id + 1}) "
-                             f"token ids must fit below the end-of-document id {EOD}")
-        if self.seq_length - 1 < 4 * self.num_keys:
-            raise ValueError(f"seq_length ({self.seq_length}) must be > 4 * num_keys ({4 * self.num_keys})")
-
-    def pair_id(self, key: int, value: int) -> int:
-        return key * self.num_values + value
+            raise ValueError(f"num_keys + num_values + 2 ({self.filler_id + 1}) token ids must fit "
+                             f"below the end-of-document id {EOD}")
+        if self.seq_length - 1 < 5 * self.num_keys:
+            raise ValueError(f"seq_length ({self.seq_length}) must be > 5 * num_keys ({5 * self.num_keys})")
 
     def key_id(self, key: int) -> int:
-        return self.num_keys * self.num_values + key
+        return key
 
     def value_id(self, value: int) -> int:
-        return self.num_keys * (self.num_values + 1) + value
+        return self.num_keys + value
 
     @property
     def ask_id(self) -> int:
@@ -83,18 +82,18 @@ class Question:
     position: int
     """Index of the asked value in the document."""
     distance: int
-    """Tokens from the key's binding to this value."""
+    """Tokens from the binding's value to this value."""
     value_id: int
 
 
 def generate_document(task: RecallTask, rng: random.Random) -> tuple[list[int], list[Question]]:
     """A document (``task.seq_length`` ids, the last one end-of-document) and its questions."""
     n_events = 2 * task.num_keys
-    slots = task.seq_length - 1 - 2 * task.num_keys        # a question takes 3 tokens, a binding 1
+    slots = task.seq_length - 1 - 3 * task.num_keys       # a binding takes 2 tokens, a question 3
     event_slots = sorted(rng.sample(range(slots), n_events))
     order = [k for k in range(task.num_keys) for _ in range(2)]
     rng.shuffle(order)                                    # a key's first event binds, its second asks
-    values = [rng.randrange(task.num_values) for _ in range(task.num_keys)]
+    values = [task.value_id(rng.randrange(task.num_values)) for _ in range(task.num_keys)]
     tokens, questions, bound_at = [], [], {}
     next_slot = 0
     for slot, key in zip(event_slots, order):
@@ -102,11 +101,10 @@ def generate_document(task: RecallTask, rng: random.Random) -> tuple[list[int], 
         next_slot = slot + 1
         if key not in bound_at:
             bound_at[key] = len(tokens)
-            tokens.append(task.pair_id(key, values[key]))
+            tokens += [values[key], task.key_id(key)]
         else:
-            tokens += [task.ask_id, task.key_id(key), task.value_id(values[key])]
-            questions.append(Question(len(tokens) - 1, len(tokens) - 1 - bound_at[key],
-                                      task.value_id(values[key])))
+            tokens += [task.ask_id, task.key_id(key), values[key]]
+            questions.append(Question(len(tokens) - 1, len(tokens) - 1 - bound_at[key], values[key]))
     tokens += [task.filler_id] * (slots - next_slot) + [EOD]
     return tokens, questions
 

@@ -1,8 +1,9 @@
 """Rebuild a trained model from its run directory: the resolved config.yaml that the trainer wrote
 and the newest complete checkpoint, model weights only (no optimizer), in one process (tp=cp=pp=1).
 
-Limits: runs trained with tp, cp or pp > 1 load resharded into one process only when the
-checkpoint format allows it (Megatron's dist checkpoints do for tp); pp > 1 is refused.
+Limits: pp > 1 runs are refused. Runs trained with tp or cp > 1 are loaded into one process
+through Megatron's resharding dist checkpoints (the trainer tests that for tp=2; this module's
+test covers a single-process run only).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "hydra-core>=1.3,<1.4",
         "wandb>=0.19",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8"],

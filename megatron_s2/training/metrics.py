@@ -18,16 +18,14 @@ import netrc
 import os
 import resource
 import secrets
-import struct
 import sys
 import time
 import warnings
-import zlib
 
-import numpy as np
 import torch
 import yaml
 
+from ..evaluation.plots import plot_layout
 from .config import PretrainConfig, WandbMode, to_plain_dict
 
 # Dense bf16 peak TFLOP/s of known accelerators (for MFU), matched against the device name.
@@ -75,35 +73,6 @@ def wandb_mode(mode: WandbMode) -> str:
     return chosen
 
 
-def write_png(path: str, gray_hw: np.ndarray) -> None:
-    """An 8-bit grayscale PNG (stdlib only)."""
-    h, w = gray_hw.shape
-    rows = b"".join(b"\x00" + gray_hw[y].astype(np.uint8).tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-
-
-def attention_pattern_image(cfg: PretrainConfig, max_blocks: int = 64, max_heads: int = 8) -> np.ndarray:
-    """The S2 block mask of the first heads side by side (white = computed block pair)."""
-    m, s2 = cfg.model, cfg.attention.s2
-    layout = s2.to_layout(m.num_attention_heads, m.num_query_groups)
-    n = min(cfg.train.seq_length // s2.block_size, max_blocks)
-    heads = min(m.num_attention_heads, max_heads)
-    # One head per kv group first: those are the heads whose patterns differ.
-    order = [g * layout.group_size for g in range(layout.num_kv_heads)][:heads]
-    masks = torch.stack([layout.block_mask(n, n, head_offset=h, num_heads=1)[0] for h in order])
-    scale = max(1, 256 // n)
-    pad = np.full((n * scale, 2), 128, dtype=np.uint8)
-    tiles = []
-    for mask in masks:
-        tiles += [np.kron(mask.numpy().astype(np.uint8) * 255, np.ones((scale, scale), np.uint8)), pad]
-    return np.concatenate(tiles[:-1], axis=1)
-
-
 class MetricsLogger:
     """Console + metrics.jsonl + wandb on rank 0; a no-op elsewhere."""
 
@@ -125,7 +94,9 @@ class MetricsLogger:
             yaml.safe_dump(self.plain_config, f, sort_keys=False)
         self.jsonl = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a")
         self.pattern_path = os.path.join(cfg.run.dir, "attention_pattern.png")
-        write_png(self.pattern_path, attention_pattern_image(cfg))
+        m = cfg.model
+        plot_layout(self.pattern_path, s2=cfg.attention.s2, num_heads=m.num_attention_heads,
+                    num_kv_heads=m.num_query_groups, layout=cfg.attention.layout, seq_length=cfg.train.seq_length)
         self._start_wandb()
 
     def _start_wandb(self) -> None:

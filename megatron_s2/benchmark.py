@@ -177,23 +177,6 @@ def run_benchmark(bench: HybridStepBenchmark) -> dict:
             "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]], "layouts": rows}
 
 
-def format_table(result: dict) -> str:
-    header = (f"{'layout':>8} {'best s':>7} {'median s':>8} {'speed-up':>9} {'(median)':>9} "
-              f"{'predicted':>9} {'of pred.':>8} {'TFLOP/s':>8} {'peak MiB':>9} {'step MiB':>9}")
-    before, after = result["load_average_1m_before_after"]
-    lines = [header, "-" * len(header)]
-    for r in result["layouts"]:
-        lines.append(f"{r['layout']:>8} {r['best_step_s']:7.3f} {r['median_step_s']:8.3f} "
-                     f"{r['measured_speedup']:8.2f}x {r['median_speedup']:8.2f}x "
-                     f"{r['predicted_speedup']:8.2f}x {r['fraction_of_predicted']:8.2f} "
-                     f"{r['tflops_per_s']:8.4f} {r['peak_memory_bytes'] / 2**20:9.0f} "
-                     f"{r['step_memory_bytes'] / 2**20:9.0f}")
-    lines.append(f"(best and median of {len(result['layouts'][0]['step_times_s'])} steps per layout; "
-                 "speed-up, fraction of predicted and TFLOP/s from the best step; "
-                 f"{result['torch_threads']} torch threads; load average {before:.2f} -> {after:.2f})")
-    return "\n".join(lines)
-
-
 def run_sweep(bench: HybridStepBenchmark, seq_lengths: list[int]) -> list[dict]:
     """``run_benchmark`` at each sequence length (the rest of ``bench`` unchanged), shortest first."""
     if not seq_lengths:
@@ -206,18 +189,22 @@ def run_sweep(bench: HybridStepBenchmark, seq_lengths: list[int]) -> list[dict]:
 
 
 def format_sweep_table(results: list[dict]) -> str:
-    """One row per (sequence length, layout): tokens/s, step time, peak memory, speed-ups."""
+    """One row per (sequence length, layout): tokens/s, step times, memory, speed-ups, TFLOP/s."""
     header = (f"{'seq':>6} {'layout':>8} {'tokens/s':>9} {'best s':>7} {'median s':>8} {'peak MiB':>9} "
-              f"{'speed-up':>9} {'predicted':>9} {'of pred.':>8} {'load 1m':>11}")
+              f"{'step MiB':>9} {'speed-up':>9} {'(median)':>9} {'predicted':>9} {'of pred.':>8} "
+              f"{'TFLOP/s':>8} {'load 1m':>11}")
     lines = [header, "-" * len(header)]
     for result in results:
         load = "{:.1f}->{:.1f}".format(*result["load_average_1m_before_after"])
         for r in result["layouts"]:
             lines.append(f"{result['benchmark']['seq_length']:>6} {r['layout']:>8} {r['tokens_per_s']:9.0f} "
                          f"{r['best_step_s']:7.3f} {r['median_step_s']:8.3f} "
-                         f"{r['peak_memory_bytes'] / 2**20:9.0f} {r['measured_speedup']:8.2f}x "
-                         f"{r['predicted_speedup']:8.2f}x {r['fraction_of_predicted']:8.2f} {load:>11}")
+                         f"{r['peak_memory_bytes'] / 2**20:9.0f} {r['step_memory_bytes'] / 2**20:9.0f} "
+                         f"{r['measured_speedup']:8.2f}x {r['median_speedup']:8.2f}x "
+                         f"{r['predicted_speedup']:8.2f}x {r['fraction_of_predicted']:8.2f} "
+                         f"{r['tflops_per_s']:8.4f} {load:>11}")
     steps = len(results[0]["layouts"][0]["step_times_s"])
     lines.append(f"(forward+backward step, no optimizer; best and median of {steps} steps per layout and "
-                 "length; speed-up and fraction of predicted from the best step, over the first layout)")
+                 f"length; speed-up, fraction of predicted and TFLOP/s from the best step, over the first "
+                 f"layout; {results[0]['torch_threads']} torch threads)")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ layout next to the FLOPs model's prediction. Every (layout, length) runs in fres
 alternating between layouts (see megatron_s2.benchmark). Prints a table, writes JSON and a figure.
 
     python scripts/bench_training.py                                   # CPU: tiny model, 4k/8k/16k
+    python scripts/bench_training.py --layouts DDDD DSSS --seq-lengths 8192 --steps 3 --rounds 3
     python scripts/bench_training.py --device cuda --seq-lengths 8192 32768 --hidden-size 2048 \
         --num-attention-heads 16 --layouts DDDDDDDD DSSSDSSS SSSSSSSS
 """

@@ -1,9 +1,9 @@
 """The hybrid step benchmark runs end to end on a tiny model (its figures are not checked here:
-they depend on the machine; scripts/bench_hybrid_step.py reports them)."""
+they depend on the machine; scripts/bench_training.py reports them)."""
 import pytest
 
 from megatron_s2 import S2AttentionConfig
-from megatron_s2.benchmark import HybridStepBenchmark, format_table, run_benchmark
+from megatron_s2.benchmark import HybridStepBenchmark, format_sweep_table, run_benchmark
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_benchmark_runs_and_reports_every_layout():
     assert base["measured_speedup"] == base["predicted_speedup"] == 1.0
     assert hybrid["predicted_speedup"] > 1.0
     assert all(r["median_step_s"] > 0 and r["peak_memory_bytes"] > 0 for r in result["layouts"])
-    assert "SD" in format_table(result)
+    assert "SD" in format_sweep_table([result])
 
 
 def test_benchmark_rejects_mismatched_layouts():

@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from megatron_s2.training.config import RECIPES_DIR, Device, Precision, compose_config, validate
+from megatron_s2.training.data import ByteTokenizer, prepare_dataset
 
 
 # GPU recipes, checked on this CPU machine: everything but the device-specific settings.
@@ -32,12 +33,18 @@ def test_default_recipe_validates():
 
 @pytest.mark.parametrize("recipe", sorted(os.path.basename(p)[:-5] for p in glob.glob(f"{RECIPES_DIR}/*.yaml")
                                           if not p.endswith("base.yaml")))
-def test_every_recipe_validates(recipe):
-    """GPU recipes pass every check that needs no GPU at the world size their tp*cp*pp asks for."""
+def test_every_recipe_validates(recipe, tmp_path):
+    """GPU recipes pass every check that needs no GPU at the world size their tp*cp*pp asks for.
+    Recipes that name datasets the user makes first get a small stand-in dataset."""
     composed = compose_config(recipe=recipe)
     p = composed.parallel
-    cfg = validate(compose_config(CPU_CHECK,
-                                  recipe=recipe), world_size=p.tp * p.cp)
+    data = []
+    if composed.data.prefixes:
+        (tmp_path / "doc.txt").write_text("a small stand-in corpus\n" * 200)
+        prepare_dataset([str(tmp_path / "doc.txt")], str(tmp_path / "stand_in"), ByteTokenizer())
+        data = [f"data.prefixes=[{tmp_path / 'stand_in'}]",
+                f"data.valid_prefixes={'[' + str(tmp_path / 'stand_in') + ']' if composed.data.valid_prefixes else '[]'}"]
+    cfg = validate(compose_config(CPU_CHECK + data, recipe=recipe), world_size=p.tp * p.cp)
     assert len(cfg.attention.layout) == cfg.model.num_layers
 
 

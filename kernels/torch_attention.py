@@ -109,8 +109,9 @@ class _Head:
         strided [C*rows, n_cols*bs]."""
         plan, bs, C = self.plan, self.plan.block, m1 - m0
         q_c = self.q[m0:m1]
-        base = shift if shift is not None else q_c.new_zeros(())
-        band = torch.baddbmm(base, q_c, self.windows(self.k, m0, m1).transpose(1, 2), beta=-1, alpha=scale)
+        # beta=0 ignores the input: no pass over the buffer when there is nothing to subtract.
+        base, beta = (shift, -1) if shift is not None else (q_c.new_zeros(()), 0)
+        band = torch.baddbmm(base, q_c, self.windows(self.k, m0, m1).transpose(1, 2), beta=beta, alpha=scale)
         band_g = band.view(C, -1, bs, band.shape[-1])                     # [C, group, bs, W*bs]
         band_g[..., -bs:].masked_fill_(~plan.diagonal_causal, float("-inf"))
         slots = plan.window_blocks(m0, m1)
@@ -119,7 +120,7 @@ class _Head:
             band_g.masked_fill_(~valid, float("-inf"))
         base = shift.reshape(-1, 1) if shift is not None else base
         strided = torch.addmm(base, q_c.reshape(-1, q_c.shape[-1]),
-                              self.k_cols[:n_cols * bs].transpose(0, 1), beta=-1, alpha=scale)
+                              self.k_cols[:n_cols * bs].transpose(0, 1), beta=beta, alpha=scale)
         if n_full < n_cols:                    # columns some query blocks of the chunk cannot see
             tail = strided.view(C, -1, bs, n_cols, bs)[:, :, :, n_full:]
             col_abs = plan.col_abs[self.g][n_full:n_cols]

@@ -50,9 +50,6 @@ class CPGeometry:
         """(rank holding the chunk, its position 0/1 in that rank's local sequence)."""
         return (chunk, 0) if chunk < self.cp_size else (2 * self.cp_size - 1 - chunk, 1)
 
-    def local_positions(self, device=None) -> torch.Tensor:
-        return context_parallel_positions(self.seq_len, self.cp_size, self.cp_rank, device)
-
 
 def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """long [seq_len / cp_size]: the positions a CP rank holds, in its local order (chunks r and
@@ -83,15 +80,6 @@ def split_batch_for_cp(batch: dict, cp_size: int, cp_rank: int, seq_dim: int = 1
         positions = context_parallel_positions(value.shape[seq_dim], cp_size, cp_rank, value.device)
         out[key] = value.index_select(seq_dim, positions)
     return out
-
-
-def reduce_loss_over_cp(loss_sum: torch.Tensor, num_tokens: torch.Tensor, group) -> torch.Tensor:
-    """Mean loss over the tokens of all CP ranks (sums and counts all-reduced; differentiable)."""
-    totals = torch.stack([loss_sum.detach(), num_tokens.to(loss_sum.dtype)])
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(totals, group=group)
-    # Each rank's gradient is d(its loss_sum)/N_total: summed over ranks it is the global mean's.
-    return loss_sum / totals[1] + (totals[0] / totals[1] - loss_sum.detach() / totals[1])
 
 
 # -- which key blocks a rank needs ---------------------------------------------------------------
@@ -159,15 +147,12 @@ def cp_exchange_report(config, s2, layout: str, seq_len: int, micro_batch_size: 
 
 # -- the exchanges --------------------------------------------------------------------------------
 def _place_local(local_bshd: torch.Tensor, geo: CPGeometry, rank: int, full_bshd: torch.Tensor) -> None:
-    """Write rank's two local chunks into their absolute place in ``full_bshd``."""
-    c = geo.chunk_len
-    for pos, chunk in enumerate(geo.chunk_ids(rank)):
-        full_bshd[:, chunk * c:(chunk + 1) * c] = local_bshd[:, pos * c:(pos + 1) * c]
+    """Write rank's local tokens into their absolute place in ``full_bshd`` (inverse of the split)."""
+    full_bshd[:, context_parallel_positions(geo.seq_len, geo.cp_size, rank, full_bshd.device)] = local_bshd
 
 
 def _take_local(full_bshd: torch.Tensor, geo: CPGeometry, rank: int) -> torch.Tensor:
-    c = geo.chunk_len
-    return torch.cat([full_bshd[:, chunk * c:(chunk + 1) * c] for chunk in geo.chunk_ids(rank)], dim=1)
+    return full_bshd.index_select(1, context_parallel_positions(geo.seq_len, geo.cp_size, rank, full_bshd.device))
 
 
 class _AllGatherKV(torch.autograd.Function):

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_s2.context_parallel import CPGeometry, check_cp_seq_len, exchange_bytes, split_batch_for_cp
+from megatron_s2.context_parallel import (CPGeometry, check_cp_seq_len, context_parallel_positions, exchange_bytes,
+                                         split_batch_for_cp)
 from s2attn import S2Layout
 from torchrun import run_workers
 
@@ -37,7 +38,7 @@ def test_split_follows_megatron_order():
     tokens = torch.arange(16).view(1, 16)
     parts = [split_batch_for_cp({"tokens": tokens}, 2, r)["tokens"].tolist() for r in range(2)]
     assert parts == [[[0, 1, 2, 3, 12, 13, 14, 15]], [[4, 5, 6, 7, 8, 9, 10, 11]]]
-    assert CPGeometry(2, 1, 16, 4).local_positions().tolist() == parts[1][0]
+    assert context_parallel_positions(16, 2, 1).tolist() == parts[1][0]
 
 
 def test_acceptance_bytes_at_16k_cp4():

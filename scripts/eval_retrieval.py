@@ -22,9 +22,9 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write train/valid indexed datasets of recall documents")
     gen.add_argument("--out", default="data/retrieval")
-    gen.add_argument("--seq-length", type=int, default=256)
-    gen.add_argument("--num-keys", type=int, default=40)
-    gen.add_argument("--num-values", type=int, default=10)
+    gen.add_argument("--seq-length", type=int, default=RecallTask.seq_length)
+    gen.add_argument("--num-keys", type=int, default=RecallTask.num_keys)
+    gen.add_argument("--num-values", type=int, default=RecallTask.num_values)
     gen.add_argument("--num-train", type=int, default=8000)
     gen.add_argument("--num-valid", type=int, default=64)
     gen.add_argument("--seed", type=int, default=0)
@@ -40,7 +40,8 @@ def main(argv=None) -> None:
         task = RecallTask(seq_length=a.seq_length, num_keys=a.num_keys, num_values=a.num_values)
         meta = write_dataset(task, a.out, a.num_train, a.num_valid, a.seed)
         print(f"wrote {a.out}/train ({meta['train']['documents']} documents) and {a.out}/valid "
-              f"({meta['valid']['documents']} documents)")
+              f"({meta['valid']['documents']} documents); train with "
+              f"data.loss_token_ids=[{','.join(map(str, task.answer_ids))}] (the answers)")
         return
 
     from megatron_s2.evaluation.checkpoints import logits_function, trained_model

@@ -11,13 +11,15 @@ from megatron_s2.evaluation.retrieval import (EOD, VOCAB, RecallTask, distance_b
 
 def reread(task, tokens):
     """(position of each asked value, its distance, the value id) from the ids alone."""
+    first_binding = task.binding_id(0, 0)
     bound, out = {}, []
     for i, t in enumerate(tokens):
-        if t < task.num_keys and tokens[i - 1] != task.ask_id:          # a key after its value
-            bound[t] = i - 1
+        if first_binding <= t < EOD:                                  # B(key, value)
+            key, value = divmod(t - first_binding, task.num_values)
+            bound[key] = (i, task.value_id(value))
         elif t == task.ask_id:
-            where = bound[tokens[i + 1]]
-            out.append((i + 2, i + 2 - where, tokens[where]))
+            where, value_id = bound[tokens[i + 1]]
+            out.append((i + 2, i + 2 - where, value_id))
     return out
 
 
@@ -28,15 +30,25 @@ def test_documents_have_the_exact_length_and_honest_questions(seed):
     assert len(tokens) == 256 and tokens[-1] == EOD and max(tokens[:-1]) < EOD
     assert [(q.position, q.distance, q.value_id) for q in questions] == reread(task, tokens)
     assert len(questions) == 8 and all(tokens[q.position] == q.value_id for q in questions)
-    for q in questions:     # the asked key is the one after the binding's value, seen nowhere else
+    # Values occur only as answers, and the asked key is bound once and mentioned nowhere else.
+    assert [i for i, t in enumerate(tokens) if t in task.answer_ids] == [q.position for q in questions]
+    for q in questions:
         key = tokens[q.position - 1]
-        assert tokens[q.position - q.distance + 1] == key
-        assert [i for i, t in enumerate(tokens) if t == key] == [q.position - q.distance + 1, q.position - 1]
+        bindings = {task.binding_id(key, v) for v in range(task.num_values)}
+        assert [i for i, t in enumerate(tokens) if t in bindings] == [q.position - q.distance]
+        assert [i for i, t in enumerate(tokens) if t == key] == [q.position - 1]
 
 
 def test_task_rejects_ids_beyond_the_vocabulary():
     with pytest.raises(ValueError, match="token ids must fit"):
-        RecallTask(seq_length=2048, num_keys=250, num_values=10)
+        RecallTask(seq_length=2048, num_keys=23, num_values=10)
+    RecallTask(seq_length=2048, num_keys=22, num_values=10)        # 22 * 11 + 12 = 254 ids fit
+
+
+def test_the_retrieval_recipes_score_exactly_the_answers():
+    from megatron_s2.training.config import compose_config
+
+    assert compose_config(recipe="retrieval_dense").data.loss_token_ids == RecallTask().answer_ids
 
 
 def oracle(task, flip=False):
@@ -106,7 +118,7 @@ def test_checkpoint_round_trip_reproduces_the_trainers_validation_loss(tmp_path)
         total = tokens = 0.0
         with torch.no_grad():
             for k in range(t.eval_iters):
-                batch = get_micro_batch(valid, 2 * k, 2)
+                batch = get_micro_batch(valid, 2 * k, 2, loaded.data.loss_token_ids)
                 per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
                 total += (per_token * batch["loss_mask"]).sum().item()
                 tokens += batch["loss_mask"].sum().item()

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_s2.training.data import ByteTokenizer, check_dataset_tokenizer, prepare_dataset
@@ -115,6 +116,12 @@ def test_blend_and_separate_validation_through_megatron(tmp_path, process_group)
     assert 0.7 < share_a < 0.8 and share_a + (first == ord("b")).float().mean().item() > 0.99
     assert bool((batch["labels"][:, :-1] == batch["tokens"][:, 1:]).all())
     assert set(get_micro_batch(valid, 0, 8)["tokens"].unique().tolist()) <= {ord("v"), tok.eod}
+    # A loss on chosen targets only: the mask keeps exactly the positions whose label is one of them.
+    scored = get_micro_batch(train, 0, 400, loss_token_ids=[ord("b"), tok.eod])
+    assert torch.equal(scored["tokens"], batch["tokens"])
+    assert torch.equal(scored["loss_mask"].bool(), batch["loss_mask"].bool()
+                       & ((batch["labels"] == ord("b")) | (batch["labels"] == tok.eod)))
+    assert 0 < scored["loss_mask"].sum() < batch["loss_mask"].sum()
 
     train_only, no_valid = build_datasets(prefixes[:1], None, [], "98,2,0", tok, num_train_samples=10,
                                           num_valid_samples=0, **common)

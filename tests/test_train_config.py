@@ -95,6 +95,8 @@ def test_schema_rejects_typos_and_types(override, words):
     (["data.prefixes=[/nonexistent/corpus]"], 1, ["data.prefixes[0]", "/nonexistent/corpus.bin"]),
     (["data.tokenizer=/nonexistent/tokenizer"], 1, ["data.tokenizer", "/nonexistent/tokenizer"]),
     (["train.lr=1e-5", "train.min_lr=1e-4"], 1, ["train.lr (1e-05)", "train.min_lr (0.0001)"]),
+    (["data.loss_token_ids=[65,257]"], 1, ["data.loss_token_ids ([65, 257])", "[0, 257)"]),
+    (["data.loss_token_ids=[]"], 1, ["data.loss_token_ids ([])", "non-empty"]),
 ])
 def test_validate_names_field_and_value(overrides, world_size, words):
     with pytest.raises(ValueError) as info:

@@ -1,18 +1,21 @@
 """Long-range associative recall: synthetic documents, training data, and accuracy by distance.
 
 A document is a sequence of token ids (within the byte tokenizer's vocabulary) made of filler and
-two kinds of events, one of each per key::
+two events per key::
 
-    . . . v k . . . . . . . . ? k v . . . u j . . . ? j u . .
+    . . . B(k,v) . . . . . . . . ? k v . . . B(j,u) . . . ? j u . .
 
-The binding ``v k`` puts a random value ``v`` just before key ``k``; the question ``? k v`` asks
-for the key later, and ``v`` must be recalled: the value before the key's only earlier
-occurrence. (A model finds the earlier ``k`` by its identity and reads the token before it: one
-local previous-token step, then one lookup that may reach far back.) The **distance** of a
-question is the number of tokens from the binding's value to the asked value. Questions whose
-binding lies beyond a model's local window can be answered only by attention that reaches past
-the window; chance is 1 / ``num_values``. Every key is bound once and asked once, so no nearer
-mention can stand in for the binding.
+The binding ``B(k,v)`` is one token that names key ``k`` and value ``v`` together; the question
+``? k v`` asks for the key later, and ``v`` must be recalled from the only earlier token that
+names ``k``: one attention lookup (match the key part, copy the value part) that may reach far
+back. The **distance** of a question is the number of tokens from the binding to the asked value.
+Questions whose binding lies beyond a model's local window can be answered only by attention that
+reaches past the window; chance is 1 / ``num_values``. Every key is bound once and asked once, so
+no nearer mention can stand in for the binding.
+
+Value ids occur only as answers (``RecallTask.answer_ids``): a trainer loss restricted to them
+(``data.loss_token_ids``) scores exactly the questions, which the rest of a document, random by
+construction, would otherwise drown out.
 
 Every document is ``seq_length - 1`` ids plus the byte tokenizer's end-of-document token, i.e.
 exactly ``seq_length`` tokens: Megatron's GPTDataset then cuts training samples at document
@@ -35,11 +38,11 @@ EOD, VOCAB = 256, 257        # the byte tokenizer's end-of-document id and vocab
 
 @dataclass(frozen=True)
 class RecallTask:
-    """The synthetic task's shape; token ids: keys first, then values, ``?``, filler."""
+    """The synthetic task's shape. Token ids: keys, values, ``?``, filler, then the bindings."""
 
     seq_length: int = 256
     """Tokens per document (end-of-document token included)."""
-    num_keys: int = 40
+    num_keys: int = 16
     """Keys per document, each bound once and asked once."""
     num_values: int = 10
     """Values a key can take; chance accuracy is 1 / num_values."""
@@ -50,11 +53,12 @@ class RecallTask:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.num_values < 2:
             raise ValueError(f"num_values must be >= 2, got {self.num_values}")
-        if self.filler_id >= EOD:
-            raise ValueError(f"num_keys + num_values + 2 ({self.filler_id + 1}) token ids must fit "
-                             f"below the end-of-document id {EOD}")
-        if self.seq_length - 1 < 5 * self.num_keys:
-            raise ValueError(f"seq_length ({self.seq_length}) must be > 5 * num_keys ({5 * self.num_keys})")
+        last = self.binding_id(self.num_keys - 1, self.num_values - 1)
+        if last >= EOD:
+            raise ValueError(f"num_keys * (num_values + 1) + num_values + 2 ({last + 1}) token ids must "
+                             f"fit below the end-of-document id {EOD}")
+        if self.seq_length - 1 < 4 * self.num_keys:
+            raise ValueError(f"seq_length ({self.seq_length}) must be > 4 * num_keys ({4 * self.num_keys})")
 
     def key_id(self, key: int) -> int:
         return key
@@ -70,6 +74,14 @@ class RecallTask:
     def filler_id(self) -> int:
         return self.ask_id + 1
 
+    def binding_id(self, key: int, value: int) -> int:
+        return self.filler_id + 1 + key * self.num_values + value
+
+    @property
+    def answer_ids(self) -> list[int]:
+        """The value ids: they occur only as answers."""
+        return [self.value_id(v) for v in range(self.num_values)]
+
     @property
     def chance(self) -> float:
         return 1.0 / self.num_values
@@ -82,18 +94,18 @@ class Question:
     position: int
     """Index of the asked value in the document."""
     distance: int
-    """Tokens from the binding's value to this value."""
+    """Tokens from the binding to this value."""
     value_id: int
 
 
 def generate_document(task: RecallTask, rng: random.Random) -> tuple[list[int], list[Question]]:
     """A document (``task.seq_length`` ids, the last one end-of-document) and its questions."""
     n_events = 2 * task.num_keys
-    slots = task.seq_length - 1 - 3 * task.num_keys       # a binding takes 2 tokens, a question 3
+    slots = task.seq_length - 1 - 2 * task.num_keys       # a binding takes 1 token, a question 3
     event_slots = sorted(rng.sample(range(slots), n_events))
     order = [k for k in range(task.num_keys) for _ in range(2)]
     rng.shuffle(order)                                    # a key's first event binds, its second asks
-    values = [task.value_id(rng.randrange(task.num_values)) for _ in range(task.num_keys)]
+    values = [rng.randrange(task.num_values) for _ in range(task.num_keys)]
     tokens, questions, bound_at = [], [], {}
     next_slot = 0
     for slot, key in zip(event_slots, order):
@@ -101,10 +113,11 @@ def generate_document(task: RecallTask, rng: random.Random) -> tuple[list[int], 
         next_slot = slot + 1
         if key not in bound_at:
             bound_at[key] = len(tokens)
-            tokens += [values[key], task.key_id(key)]
+            tokens.append(task.binding_id(key, values[key]))
         else:
-            tokens += [task.ask_id, task.key_id(key), values[key]]
-            questions.append(Question(len(tokens) - 1, len(tokens) - 1 - bound_at[key], values[key]))
+            tokens += [task.ask_id, task.key_id(key), task.value_id(values[key])]
+            questions.append(Question(len(tokens) - 1, len(tokens) - 1 - bound_at[key],
+                                      task.value_id(values[key])))
     tokens += [task.filler_id] * (slots - next_slot) + [EOD]
     return tokens, questions
 

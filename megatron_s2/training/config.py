@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
 
-from .data import check_indexed_dataset
+from .data import check_indexed_dataset, load_tokenizer
 
 
 # The S2 pattern's schema is S2AttentionConfig's own fields, unfrozen so that recipes and
@@ -189,6 +189,10 @@ class DataConfig:
     one the datasets were prepared with."""
     cache_dir: str = "${oc.env:MEGATRON_S2_CACHE,'~/.cache/megatron_s2'}"
     """Where the embedded dataset and Megatron's sample indices are cached."""
+    loss_token_ids: Optional[List[int]] = None
+    """Score only the positions whose target token is one of these ids (e.g. the value tokens of
+    a synthetic recall task, whose other tokens are noise by construction); None scores every
+    token. Training and validation loss both use this mask."""
 
 
 @dataclass
@@ -383,6 +387,11 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) ->
             check_indexed_dataset(prefix, f"{key}[{i}]")
     _require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer),
              f"data.tokenizer ({d.tokenizer!r}) must be 'byte' or a local tokenizer directory")
+    if d.loss_token_ids is not None:
+        vocab_size = load_tokenizer(d.tokenizer).vocab_size
+        _require(len(d.loss_token_ids) > 0 and all(0 <= i < vocab_size for i in d.loss_token_ids),
+                 f"data.loss_token_ids ({d.loss_token_ids}) must be None or a non-empty list of ids "
+                 f"in [0, {vocab_size}) (data.tokenizer {d.tokenizer!r})")
     d.cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir))
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.checkpoint.dir is not None:

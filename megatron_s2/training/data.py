@@ -261,12 +261,17 @@ def build_datasets(prefixes: list[str], weights: list[float] | None, valid_prefi
     return train, (valid if num_valid_samples else None)
 
 
-def get_micro_batch(dataset, first_sample: int, micro_batch_size: int) -> dict[str, torch.Tensor]:
+def get_micro_batch(dataset, first_sample: int, micro_batch_size: int,
+                    loss_token_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Samples [first_sample, first_sample + micro_batch_size) stacked: tokens, labels, loss_mask,
-    position_ids, each [b, s]. Wraps around past the end (a resumed run with more iterations)."""
+    position_ids, each [b, s]. Wraps around past the end (a resumed run with more iterations).
+    With ``loss_token_ids`` the loss mask keeps only positions whose label is one of them."""
     samples = [dataset[(first_sample + i) % len(dataset)] for i in range(micro_batch_size)]
-    return {key: torch.stack([s[key] for s in samples])
-            for key in ("tokens", "labels", "loss_mask", "position_ids")}
+    batch = {key: torch.stack([s[key] for s in samples])
+             for key in ("tokens", "labels", "loss_mask", "position_ids")}
+    if loss_token_ids is not None:
+        batch["loss_mask"] = batch["loss_mask"] * torch.isin(batch["labels"], torch.tensor(loss_token_ids))
+    return batch
 
 
 def micro_batch_start(consumed_samples: int, accumulation_step: int, dp_rank: int, dp_size: int,

@@ -224,7 +224,7 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
         batches = []
         for step in range(accumulation):
             start = micro_batch_start(first_sample, step, dp_rank, dp_size, t.micro_batch_size)
-            batch = get_micro_batch(dataset, start, t.micro_batch_size)
+            batch = get_micro_batch(dataset, start, t.micro_batch_size, cfg.data.loss_token_ids)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batches.append(split_batch_for_cp(batch, cfg.parallel.cp, parallel_state.get_context_parallel_rank()))
         return batches

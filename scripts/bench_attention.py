@@ -5,7 +5,7 @@
     python scripts/bench_attention.py --preset cpu --seq-lens 4096 --memory-seq-len 0 --repeats 1
 
 Prints a table and writes JSON (every timing, density, speed-up over SDPA, TFLOP/s on the blocks
-each method computes). On the CPU FlexAttention has no backward: it is timed forward only.
+each method computes) and a figure (speed-up by length, time per method at the longest length). On the CPU FlexAttention has no backward: it is timed forward only.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_s2.evaluation.plots import plot_attention_benchmark
 from s2attn import S2Layout
 from s2attn.benchmark import (AttentionShape, attention_flops, describe, device_name, flex_attention_fn, peak_memory_bytes,
                               s2_fn, sdpa_causal, tflops, time_attention)
@@ -39,6 +40,7 @@ def parse_args(argv):
     p.add_argument("--memory-seq-len", type=int, help="peak memory of one S2 fwd+bwd at this length (0: skip)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     p.add_argument("--json", type=Path, default=Path("bench_attention.json"))
+    p.add_argument("--figure", default="bench_attention.png", help="PNG output path ('' for none)")
     return p.parse_args(argv)
 
 
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
         print(f"# peak memory of one s2_{backend} forward+backward at seq {memory_seq}: {peak / 2**20:.0f} MiB")
     args.json.write_text(json.dumps(report, indent=2))
     print(f"# wrote {args.json}")
+    if args.figure:
+        print(f"# wrote {plot_attention_benchmark(args.figure, report)}")
     return 0
 
 

@@ -67,3 +67,19 @@ def test_speedup_and_loss_figures_are_written(tmp_path):
     runs = {"a": [{"iteration": 10, "loss": 3.0}, {"iteration": 20, "loss": 2.5, "val_loss": 2.6}],
             "b": [{"iteration": 10, "loss": 3.1}, {"iteration": 20, "val_loss": 2.7}]}
     assert_small_png(plot_loss_curves(str(tmp_path / "loss.png"), json.loads(json.dumps(runs))))
+
+
+def test_attention_benchmark_writes_its_report_and_figure(tmp_path):
+    """scripts/bench_attention.py end to end on a small shape: two lengths, JSON and PNG."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/bench_attention.py", "--preset", "cpu", "--seq-lens", "256", "512",
+                          "--repeats", "1", "--memory-seq-len", "0", "--no-flex",
+                          "--json", str(tmp_path / "bench.json"), "--figure", str(tmp_path / "bench.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["shape"]["seq_len"] for r in report["runs"]] == [256, 512]
+    assert set(report["runs"][0]["results"]) == {"sdpa_causal", "s2_torch"}
+    assert_small_png(tmp_path / "bench.png")

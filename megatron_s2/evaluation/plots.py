@@ -5,6 +5,9 @@
   context), and the layer-by-layer S/D layout with each layer's density.
 - ``plot_speedups``: measured vs FLOPs-predicted speed-up over the baseline layout by sequence
   length, and tokens/s per layout (from ``megatron_s2.benchmark.run_sweep``).
+- ``plot_attention_benchmark``: speed-up of each attention method over dense causal SDPA by
+  sequence length, and forward/backward time per method (per layer kind) at the longest length
+  (from ``scripts/bench_attention.py``'s report).
 - ``plot_loss_curves``: training and validation loss of several runs side by side.
 
 Figures are small PNGs (blocky images, low dpi) meant for docs and wandb.
@@ -122,6 +125,12 @@ def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_head
     return {"path": _save(fig, path, dpi), "densities": densities, "coverage": coverage}
 
 
+def _length_axis(ax, lengths: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.set_xlabel("sequence length", fontsize=8)
+
+
 def plot_speedups(path: str, results: list[dict], dpi: int = 80) -> str:
     """Speed-up over the first layout (measured from the best step, and FLOPs-predicted) and
     tokens/s, by sequence length, from ``megatron_s2.benchmark.run_sweep``'s results."""
@@ -139,15 +148,46 @@ def plot_speedups(path: str, results: list[dict], dpi: int = 80) -> str:
         speed.plot(lengths, [row["predicted_speedup"] for row in rows], "x--", color=color, label=f"{layout} FLOPs model")
         tokens.plot(lengths, [row["tokens_per_s"] for row in rows], "o-", color=color, label=layout)
     for ax in (speed, tokens):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_xlabel("sequence length", fontsize=8)
+        _length_axis(ax, lengths)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     speed.set_ylabel(f"step speed-up over {layouts[0]}", fontsize=8)
     tokens.set_ylabel("tokens/s (forward+backward)", fontsize=8)
     speed.legend(fontsize=6)
     tokens.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_attention_benchmark(path: str, report: dict, dpi: int = 80) -> str:
+    """Left: speed-up over ``sdpa_causal`` by sequence length (forward+backward solid, forward
+    dashed). Right: forward and backward milliseconds per method at the longest length."""
+    runs = report["runs"]
+    if not runs:
+        raise ValueError("report must hold at least one run")
+    lengths = [r["shape"]["seq_len"] for r in runs]
+    names = list(runs[0]["results"])
+    fig = Figure(figsize=(9.0, 3.6))
+    speed, times = fig.subplots(1, 2)
+    palette = ["#555555", SPARSE_COLOR, "#55a868", "#c44e52", "#8172b2"]
+    for i, name in enumerate(names):
+        color = palette[i % len(palette)]
+        results = [r["results"][name] for r in runs]
+        for key, style, what in (("speedup_fwd_bwd_vs_sdpa", "o-", "fwd+bwd"), ("speedup_fwd_vs_sdpa", "x--", "fwd")):
+            if all(key in t for t in results):
+                speed.plot(lengths, [t[key] for t in results], style, color=color, label=f"{name} {what}")
+    _length_axis(speed, lengths)
+    speed.set_ylabel("speed-up over dense causal SDPA", fontsize=8)
+    longest = runs[-1]["results"]
+    forward = [longest[n]["forward_s"] * 1e3 for n in names]
+    backward = [longest[n].get("backward_s", 0.0) * 1e3 for n in names]
+    times.bar(names, forward, color=SPARSE_COLOR, label="forward")
+    times.bar(names, backward, bottom=forward, color=DENSE_COLOR, label="backward")
+    times.set_ylabel(f"ms per attention layer at {lengths[-1]} tokens", fontsize=8)
+    for ax in (speed, times):
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     return _save(fig, path, dpi)
 

@@ -1,7 +1,7 @@
 """Long-range associative recall: make the training data, or score a trained run by distance.
 
     python scripts/eval_retrieval.py generate --out data/retrieval           # train/valid datasets
-    python scripts/pretrain.py --config-name retrieval_hybrid                # (or _dense, _window)
+    python scripts/pretrain.py --config-name retrieval_hybrid                # (or _dense, _sparse, _window)
     python scripts/eval_retrieval.py evaluate runs/retrieval_hybrid --json recall.json
 
 The task, the distance and chance are described in megatron_s2/evaluation/retrieval.py. The

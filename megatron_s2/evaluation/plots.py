@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from ..config import DENSE, S2AttentionConfig, check_layout
 
 SPARSE_COLOR, DENSE_COLOR = "#4c72b0", "#dd8452"
+PALETTE = ["#555555", SPARSE_COLOR, "#55a868", "#c44e52", "#8172b2"]     # one colour per line
 
 
 def _viridis(n: int) -> np.ndarray:
@@ -140,10 +141,9 @@ def plot_speedups(path: str, results: list[dict], dpi: int = 80) -> str:
     layouts = [row["layout"] for row in results[0]["layouts"]]
     fig = Figure(figsize=(9.0, 3.6))
     speed, tokens = fig.subplots(1, 2)
-    palette = ["#555555", SPARSE_COLOR, "#55a868", "#c44e52", "#8172b2"]
     for i, layout in enumerate(layouts):
         rows = [next(row for row in r["layouts"] if row["layout"] == layout) for r in results]
-        color = palette[i % len(palette)]
+        color = PALETTE[i % len(PALETTE)]
         speed.plot(lengths, [row["measured_speedup"] for row in rows], "o-", color=color, label=f"{layout} measured")
         speed.plot(lengths, [row["predicted_speedup"] for row in rows], "x--", color=color, label=f"{layout} FLOPs model")
         tokens.plot(lengths, [row["tokens_per_s"] for row in rows], "o-", color=color, label=layout)
@@ -169,9 +169,8 @@ def plot_attention_benchmark(path: str, report: dict, dpi: int = 80) -> str:
     names = list(runs[0]["results"])
     fig = Figure(figsize=(9.0, 3.6))
     speed, times = fig.subplots(1, 2)
-    palette = ["#555555", SPARSE_COLOR, "#55a868", "#c44e52", "#8172b2"]
     for i, name in enumerate(names):
-        color = palette[i % len(palette)]
+        color = PALETTE[i % len(PALETTE)]
         results = [r["results"][name] for r in runs]
         for key, style, what in (("speedup_fwd_bwd_vs_sdpa", "o-", "fwd+bwd"), ("speedup_fwd_vs_sdpa", "x--", "fwd")):
             if all(key in t for t in results):

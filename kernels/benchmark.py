@@ -120,18 +120,19 @@ def time_attention(fn, shape: AttentionShape, repeats: int, backward: bool = Tru
     return result
 
 
-def _peak_rss_bytes() -> int:
-    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across exec.
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux). VmHWM belongs to this process image;
+    ru_maxrss would carry the parent's peak across exec."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _peak_rss_child(layout: S2Layout, backend: str, shape: AttentionShape, pipe) -> None:
     q, k, v = shape.inputs()
-    before = _peak_rss_bytes()
+    before = peak_rss_bytes()
     out = s2_attention(q, k, v, layout, backend=backend)
     out.backward(torch.ones_like(out))
-    pipe.send(_peak_rss_bytes() - before)
+    pipe.send(peak_rss_bytes() - before)
 
 
 def peak_memory_bytes(layout: S2Layout, backend: str, shape: AttentionShape) -> int:

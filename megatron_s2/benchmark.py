@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
+from s2attn.benchmark import peak_rss_bytes
 
 from .config import S2AttentionConfig, check_layout
 from .flops import training_flops_per_token
@@ -99,9 +100,7 @@ class LayoutMeasurement:
 def _peak_memory(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across exec.
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return peak_rss_bytes()
 
 
 def measure_layout(bench: HybridStepBenchmark, layout: str) -> LayoutMeasurement:

@@ -1,7 +1,9 @@
 """``s2_attention``: one entry point that validates its input and dispatches to a backend.
 
 Every backend has the signature ``fn(q, k, v, layout, softmax_scale, head_offset, q_offset,
-kv_offset) -> (out, lse)`` and is differentiable in q, k, v through both outputs.
+kv_offset) -> (out, lse)`` and is differentiable in q, k, v through both outputs. Empty inputs (no
+query, or no key) are answered here, the same whatever the backend, so backends see only
+non-empty ones.
 """
 from __future__ import annotations
 
@@ -25,9 +27,26 @@ def _backend_fn(name: str):
     return reference_attention
 
 
-def _triton_supports(head_dim: int, block_size: int) -> bool:
-    """The shapes the Triton kernels are built for; "auto" uses the torch path for the rest."""
-    return block_size <= 128 and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+def _triton_supports(dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
+    """The dtypes and shapes the Triton kernels are built for; "auto" uses the torch path for the
+    rest (e.g. float64)."""
+    from .triton_attention import BLOCK_SIZES, DTYPES, HEAD_DIMS
+    return dtype in DTYPES and head_dim in HEAD_DIMS and block_size in BLOCK_SIZES
+
+
+class _NoKeySeen(torch.autograd.Function):
+    """Attention with no query or no key: out 0 (empty without queries), lse -inf, zero gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        b, s_q, heads, _ = q.shape
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32   # as the backends
+        return q.new_zeros(q.shape), q.new_full((b, heads, s_q), float("-inf"), dtype=lse_dtype)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
 
 
 def _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend) -> None:
@@ -69,11 +88,20 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
     q: [batch, s_q, heads, head_dim]; k, v: [batch, s_kv, kv_heads, head_dim] (any strides).
     head_offset: global index of q's first head. q_offset / kv_offset: absolute position of the
     first query / key token (multiples of block_size). Returns out like q, and with ``return_lse``
-    also lse float32 [batch, heads, s_q]; a query that sees no key gets out 0 and lse -inf.
+    also lse [batch, heads, s_q], float32 (float64 for float64 inputs); natural log.
+
+    A query that sees no key gets out 0 and lse -inf; so do all queries when s_kv is 0, and batch 0
+    or s_q 0 give empty out and lse, on every backend. backend "auto": Triton for CUDA tensors of a
+    dtype, head_dim and block_size the kernels are built for (``_triton_supports``), else torch.
+    Bad input raises ValueError naming it.
     """
     _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend)
+    if min(q.shape[0], q.shape[1], k.shape[1]) == 0:
+        out, lse = _NoKeySeen.apply(q, k, v)
+        return (out, lse) if return_lse else out
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_supports(q.shape[-1], layout.block_size) else "torch"
+        backend = ("triton" if q.is_cuda and _triton_supports(q.dtype, q.shape[-1], layout.block_size)
+                   else "torch")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = _backend_fn(backend)(q, k, v, layout, float(softmax_scale), head_offset, q_offset, kv_offset)

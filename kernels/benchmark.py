@@ -65,14 +65,13 @@ def flex_attention_fn(layout: S2Layout, seq_len: int, device: str):
     """A compiled FlexAttention with the S2 block mask (mask granularity = layout.block_size)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    bs, group = layout.block_size, layout.group_size
-    residue = torch.tensor([layout.strided_residue(g) for g in range(layout.num_kv_heads)], device=device)
-    dense = torch.tensor([layout.is_dense_kv_head(g) for g in range(layout.num_kv_heads)], device=device)
+    bs = layout.block_size
+    residue, dense = layout.head_pattern(0, layout.num_heads, device)     # per query head
 
     def s2_mask(b, h, q_idx, kv_idx):
-        i, j, g = q_idx // bs, kv_idx // bs, h // group
+        i, j = q_idx // bs, kv_idx // bs
         local = (i - j) < layout.local_blocks
-        return (kv_idx <= q_idx) & (local | (j % layout.vert_stride == residue[g]) | dense[g])
+        return (kv_idx <= q_idx) & (local | (j % layout.vert_stride == residue[h]) | dense[h])
 
     block_mask = create_block_mask(s2_mask, None, layout.num_heads, seq_len, seq_len, device=device, BLOCK_SIZE=bs)
     compiled = torch.compile(flex_attention, dynamic=False)

@@ -17,17 +17,22 @@ def safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
 def merge_attention(outs, lses, return_lse: bool = False):
     """Merge partial attention outputs.
 
-    outs: list of [b, s, h, d]; lses: list of float32 [b, h, s], each over a disjoint key set.
-    Returns the attention over the union of the keys (and its lse when ``return_lse``).
-    Rows that no part saw stay 0 with lse -inf. Differentiable in every input.
+    outs: list of [b, s, h, d]; lses: list of [b, h, s] (as ``s2_attention`` returns them: float32,
+    float64 for float64 inputs), each over a disjoint key set. Returns the attention over the union
+    of the keys in the outs' dtype (and its lse when ``return_lse``). The merge runs in float64 when
+    any out or lse is float64, else in float32, and the lse comes back in that dtype: merging
+    float64 parts equals the attention over the union to float64 rounding. Rows that no part saw
+    stay 0 with lse -inf. Differentiable in every input.
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"outs and lses must be non-empty lists of equal length, "
                          f"got {len(outs)} and {len(lses)}")
-    lse_pbhs = torch.stack(lses).float()                                # [parts, b, h, s]
+    wide = any(t.dtype == torch.float64 for t in (*outs, *lses))
+    dtype = torch.float64 if wide else torch.float32
+    lse_pbhs = torch.stack(lses).to(dtype)                              # [parts, b, h, s]
     lse_bhs = safe_logsumexp(lse_pbhs, dim=0)
     seen = torch.isfinite(lse_bhs)
     weights = torch.where(seen, torch.exp(lse_pbhs - torch.where(seen, lse_bhs, 0.0)), 0.0)
-    out = sum(o.float() * w.transpose(1, 2).unsqueeze(-1) for o, w in zip(outs, weights))
+    out = sum(o.to(dtype) * w.transpose(1, 2).unsqueeze(-1) for o, w in zip(outs, weights))
     out = out.to(outs[0].dtype)
     return (out, lse_bhs) if return_lse else out

@@ -24,7 +24,8 @@ def token_mask(layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offset: 
 
 def reference_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offset: int,
                         q_offset: int, kv_offset: int):
-    """(out [b, s_q, h, d] in q's dtype, lse float32 [b, h, s_q]); differentiable in both."""
+    """(out [b, s_q, h, d] in q's dtype, lse [b, h, s_q] float32, float64 for float64 q);
+    differentiable in both."""
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     mask = token_mask(layout, q.shape[1], k.shape[1], q_offset, kv_offset, head_offset, heads,
                       device=q.device)
@@ -36,4 +37,4 @@ def reference_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_of
     seen = torch.isfinite(lse)
     probs = torch.where(mask, torch.exp(scores - torch.where(seen, lse, 0.0).unsqueeze(-1)), 0.0)
     out = (probs @ v64).transpose(1, 2).to(q.dtype)
-    return out, lse.float()
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

@@ -6,22 +6,26 @@ dense matmuls over the pattern's structure, never O(s^2) memory:
 * the local window is a band: query block i sees key blocks i-W+1 .. i. Each query block's window
   is one contiguous slab of K, so the windows of a chunk of query blocks are one ``as_strided``
   view of K (no copy) and one batched matmul computes them;
-* the strided blocks of a kv head are a fixed column subset (the blocks with the head's residue
+* the strided blocks of a head are a fixed column subset (the blocks with the head's residue
   mod ``vert_stride``; every block for a dense head), gathered once per call. Query block i
   attends those with j <= i - L (older than its window), so a chunk of query blocks multiplies
   only the prefix of the subset it can see (causal skipping);
 * band and strided scores share one softmax per row (a common max and sum): nothing to merge.
 
-Query heads of one kv head share its pattern, so GQA folds the group into the rows of each query
-block ([nq, group*block, d] per kv head); K/V are never expanded. Each (batch, kv head) is its own
-problem, worked in chunks of query blocks that bound the score buffers; the backward recomputes
-the scores of a chunk (FlashAttention style: only q, k, v, out and lse are saved). Masks touch only
-the tiles that need them (the diagonal block, the window edges, the strided columns that the
-chunk's first query block cannot yet see). Arithmetic in float32 (float64 for float64 inputs).
+The query heads of one kv head that share a pattern form a unit (``_Unit``): the whole group under
+"kv" sharding, one head under "query" sharding. A unit folds its heads into the rows of each query
+block ([nq, heads*block, d]) against its kv head's K/V, which are never expanded; the band is the
+same for every unit. Each (batch, unit) is its own problem, worked in chunks of query blocks that
+bound the score buffers; dK/dV of a kv head sum over its units. The backward recomputes the scores
+of a chunk (FlashAttention style: only q, K/V, out and lse are saved). Masks touch only the tiles
+that need them (the diagonal block, the window edges, the strided columns that the chunk's first
+query block cannot yet see). Arithmetic, out before the cast and lse in float32 (float64 for
+float64 inputs).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -30,11 +34,27 @@ from .layout import S2Layout
 _CHUNK_ELEMENTS = 1 << 21     # score elements per chunk: 8 MiB in fp32, reused by the allocator
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """Query heads of one kv head that share their pattern, worked together as the rows of each
+    query block: a kv head's whole group under "kv" sharding, one head (or the heads that happen to
+    share a residue) under "query" sharding, all of a dense kv head's heads."""
+
+    kv_head: int
+    """Local kv head."""
+    heads: torch.Tensor
+    """long [n]: local query heads."""
+    col_abs: torch.Tensor
+    """long [c]: absolute strided key blocks (every key block for dense heads)."""
+    col_blocks: torch.Tensor
+    """long [c]: the same blocks as indices into the padded keys."""
+
+
 class _Plan:
-    """Geometry of one call (cached): block counts, band placement, strided columns per kv head."""
+    """Geometry of one call (cached): block counts, band placement, the units and their columns."""
 
     def __init__(self, layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offset: int,
-                 head_offset: int, kv_heads: int, device: torch.device):
+                 head_offset: int, heads: int, device: torch.device):
         bs, L = layout.block_size, layout.local_blocks
         self.block, self.local_blocks = bs, L
         self.nq, nk = -(-s_q // bs), -(-s_kv // bs)
@@ -50,17 +70,22 @@ class _Plan:
         self.key_valid = ((k_tok >= 0) & (k_tok < s_kv)).view(-1, bs)    # [padded blocks, bs]
         t, u = torch.arange(bs, device=device), torch.arange(bs, device=device)
         self.diagonal_causal = u.view(1, -1) <= t.view(-1, 1)             # [bs, bs]
-        g0 = head_offset // layout.group_size
-        self.col_abs, self.col_blocks = [], []       # per local kv head: strided key blocks
-        for g in range(kv_heads):
-            j_abs = torch.arange(kb0, kb0 + nk)
-            if not layout.is_dense_kv_head(g0 + g):
-                j_abs = j_abs[j_abs % layout.vert_stride == layout.strided_residue(g0 + g)]
-            blocks = j_abs - kb0 + self.pad_front
-            if len(j_abs) == 0:             # one never-visible column keeps the shapes simple
-                j_abs, blocks = torch.tensor([1 << 62]), torch.tensor([0])
-            self.col_abs.append(j_abs.to(device))
-            self.col_blocks.append(blocks.to(device))
+        self.units = []
+        group = layout.group_size
+        for h0 in range(0, heads, group):              # the query heads of each local kv head
+            by_pattern = {}                            # residue (None: dense) -> local query heads
+            for h in range(h0, h0 + group):
+                dense = layout.is_dense_head(head_offset + h)
+                by_pattern.setdefault(None if dense else layout.strided_residue(head_offset + h), []).append(h)
+            for residue, members in by_pattern.items():
+                j_abs = torch.arange(kb0, kb0 + nk)
+                if residue is not None:
+                    j_abs = j_abs[j_abs % layout.vert_stride == residue]
+                blocks = j_abs - kb0 + self.pad_front
+                if len(j_abs) == 0:             # one never-visible column keeps the shapes simple
+                    j_abs, blocks = torch.tensor([1 << 62]), torch.tensor([0])
+                self.units.append(_Unit(h0 // group, torch.tensor(members, device=device),
+                                        j_abs.to(device), blocks.to(device)))
 
     def chunks(self, rows: int, n_cols: int):
         """Query-block ranges [m0, m1) whose score buffers stay near _CHUNK_ELEMENTS."""
@@ -72,31 +97,31 @@ class _Plan:
         start = self.first_window_block + torch.arange(m0, m1, device=self.key_valid.device)
         return start.view(-1, 1) + torch.arange(self.window, device=start.device)
 
-    def visible_columns(self, g: int, m0: int, m1: int) -> tuple[int, int]:
+    def visible_columns(self, unit: _Unit, m0: int, m1: int) -> tuple[int, int]:
         """(strided blocks seen by every query block of the chunk, by its last one): j <= i - L."""
-        col = self.col_abs[g]
+        col = unit.col_abs
         first, last = self.q_block_abs[m0] - self.local_blocks, self.q_block_abs[m1 - 1] - self.local_blocks
         return int((col <= first).sum()), int((col <= last).sum())
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, kv_heads, device) -> _Plan:
-    return _Plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, kv_heads, device)
+def _plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, heads, device) -> _Plan:
+    return _Plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, heads, device)
 
 
 class _Head:
-    """One (batch, kv head) problem: block-row queries, padded keys/values, gathered columns."""
+    """One (batch, unit) problem: block-row queries, padded keys/values, gathered columns."""
 
-    def __init__(self, plan: _Plan, g: int, q_nrd, k_td, v_td):
+    def __init__(self, plan: _Plan, unit: _Unit, q_nrd, k_td, v_td):
         bs, d = plan.block, q_nrd.shape[-1]
-        self.plan, self.g, self.q, self.k, self.v = plan, g, q_nrd, k_td, v_td
+        self.plan, self.unit, self.q, self.k, self.v = plan, unit, q_nrd, k_td, v_td
         self.rows = q_nrd.shape[1]
-        self.cols = plan.col_blocks[g]
+        self.cols = unit.col_blocks
         self.k_cols = k_td.view(-1, bs * d).index_select(0, self.cols).view(-1, d)   # [n*bs, d]
         self.v_cols = v_td.view(-1, bs * d).index_select(0, self.cols).view(-1, d)
 
     def visible_columns(self, m0: int, m1: int) -> tuple[int, int]:
-        return self.plan.visible_columns(self.g, m0, m1)
+        return self.plan.visible_columns(self.unit, m0, m1)
 
     def windows(self, t_td, m0: int, m1: int):
         """[C, W*bs, d] view of the band windows of query blocks m0..m1 (no copy)."""
@@ -112,7 +137,7 @@ class _Head:
         # beta=0 ignores the input: no pass over the buffer when there is nothing to subtract.
         base, beta = (shift, -1) if shift is not None else (q_c.new_zeros(()), 0)
         band = torch.baddbmm(base, q_c, self.windows(self.k, m0, m1).transpose(1, 2), beta=beta, alpha=scale)
-        band_g = band.view(C, -1, bs, band.shape[-1])                     # [C, group, bs, W*bs]
+        band_g = band.view(C, -1, bs, band.shape[-1])                     # [C, heads, bs, W*bs]
         band_g[..., -bs:].masked_fill_(~plan.diagonal_causal, float("-inf"))
         slots = plan.window_blocks(m0, m1)
         valid = plan.key_valid[slots].view(C, 1, 1, -1)
@@ -123,7 +148,7 @@ class _Head:
                               self.k_cols[:n_cols * bs].transpose(0, 1), beta=beta, alpha=scale)
         if n_full < n_cols:                    # columns some query blocks of the chunk cannot see
             tail = strided.view(C, -1, bs, n_cols, bs)[:, :, :, n_full:]
-            col_abs = plan.col_abs[self.g][n_full:n_cols]
+            col_abs = self.unit.col_abs[n_full:n_cols]
             older = col_abs.view(1, -1) <= (plan.q_block_abs[m0:m1] - plan.local_blocks).view(-1, 1)
             key_ok = plan.key_valid[self.cols[n_full:n_cols]]                  # [n, bs]
             tail.masked_fill_(~(older.unsqueeze(-1) & key_ok).view(C, 1, 1, -1, bs), float("-inf"))
@@ -178,22 +203,25 @@ def _backward_head(h: _Head, scale: float, out_nrd, lse_nr, dlse_nr, do_nrd, dq_
     dv_td.view(-1, bs * d).index_add_(0, h.cols, dv_cols.view(-1, bs * d))
 
 
-def _block_rows(x_bshd, nq: int, bs: int, kv_heads: int, dtype):
-    """[b, s, heads, d] -> [b, kv_heads, nq, group*bs, d] (zero-padded to whole blocks)."""
-    b, s, heads, d = x_bshd.shape
-    group, whole = heads // kv_heads, s // bs
-    out = x_bshd.new_zeros(b, kv_heads, nq, group, bs, d, dtype=dtype)
-    out[:, :, :whole] = x_bshd[:, :whole * bs].view(b, whole, bs, kv_heads, group, d).permute(0, 3, 1, 4, 2, 5)
+def _block_rows(x_bshd, heads: torch.Tensor, plan: _Plan, dtype):
+    """[b, s, H, d] -> [b, nq, n*bs, d]: the rows of the n selected heads in each query block,
+    head-major within a block (zero-padded to whole blocks)."""
+    b, s, _, d = x_bshd.shape
+    nq, bs = plan.nq, plan.block
+    out = x_bshd.new_zeros(b, nq, len(heads), bs, d, dtype=dtype)
+    by_token = out.permute(0, 1, 3, 2, 4)                                 # [b, nq, bs, n, d] view
+    picked = x_bshd.index_select(2, heads)
+    whole = s // bs
+    by_token[:, :whole] = picked[:, :whole * bs].view(b, whole, bs, -1, d)
     if whole < nq:                                        # the partial last block
-        out[:, :, whole, :, :s - whole * bs] = x_bshd[:, whole * bs:].view(b, -1, kv_heads, group, d).permute(0, 2, 3, 1, 4)
-    return out.view(b, kv_heads, nq, -1, d)
+        by_token[:, whole, :s - whole * bs] = picked[:, whole * bs:]
+    return out.view(b, nq, -1, d)
 
 
-def _from_block_rows(x_bgnrd, s: int, heads: int):
-    """Inverse of _block_rows: [b, G, nq, group*bs, d] -> [b, s, heads, d]."""
-    b, kv_heads, nq, rows, d = x_bgnrd.shape
-    x = x_bgnrd.view(b, kv_heads, nq, heads // kv_heads, -1, d).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, -1, heads, d)[:, :s]
+def _from_block_rows(x_bnrd, s: int, n: int):
+    """Inverse of _block_rows: [b, nq, n*bs, d] -> [b, s, n, d]."""
+    b, nq, rows, d = x_bnrd.shape
+    return x_bnrd.view(b, nq, n, rows // n, d).permute(0, 1, 3, 2, 4).reshape(b, -1, n, d)[:, :s]
 
 
 def _padded_keys(t_bshd, plan: _Plan, dtype):
@@ -209,43 +237,50 @@ class _S2TorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, head_offset, q_offset, kv_offset):
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        (b, s_q, heads, _), kv_heads = q.shape, k.shape[2]
-        plan = _plan(layout, s_q, k.shape[1], q_offset, kv_offset, head_offset, kv_heads, q.device)
-        q_rows = _block_rows(q, plan.nq, plan.block, kv_heads, dtype)
+        b, s_q, heads, d = q.shape
+        plan = _plan(layout, s_q, k.shape[1], q_offset, kv_offset, head_offset, heads, q.device)
         k_pad, v_pad = _padded_keys(k, plan, dtype), _padded_keys(v, plan, dtype)
-        out = torch.empty_like(q_rows)
-        lse = q_rows.new_empty(q_rows.shape[:-1])
-        for bi in range(b):
-            for g in range(kv_heads):
-                h = _Head(plan, g, q_rows[bi, g], k_pad[bi, g], v_pad[bi, g])
-                _forward_head(h, scale, out[bi, g], lse[bi, g])
-        ctx.save_for_backward(q_rows, k_pad, v_pad, out, lse)
-        ctx.plan, ctx.scale, ctx.shapes = plan, scale, (q.shape, k.shape, q.dtype, k.dtype)
-        lse_bhs = _from_block_rows(lse.unsqueeze(-1), s_q, heads).squeeze(-1).transpose(1, 2)
-        return _from_block_rows(out, s_q, heads).to(q.dtype), lse_bhs.float()
+        out = q.new_empty(b, s_q, heads, d, dtype=dtype)
+        lse = q.new_empty(b, s_q, heads, dtype=dtype)
+        for unit in plan.units:
+            n = len(unit.heads)
+            q_rows = _block_rows(q, unit.heads, plan, dtype)
+            out_rows, lse_rows = torch.empty_like(q_rows), q_rows.new_empty(q_rows.shape[:-1])
+            for bi in range(b):
+                h = _Head(plan, unit, q_rows[bi], k_pad[bi, unit.kv_head], v_pad[bi, unit.kv_head])
+                _forward_head(h, scale, out_rows[bi], lse_rows[bi])
+            out[:, :, unit.heads] = _from_block_rows(out_rows, s_q, n)
+            lse[:, :, unit.heads] = _from_block_rows(lse_rows.unsqueeze(-1), s_q, n).squeeze(-1)
+        ctx.save_for_backward(q, k_pad, v_pad, out, lse)
+        ctx.plan, ctx.scale, ctx.k_shape, ctx.k_dtype = plan, scale, k.shape, k.dtype
+        return out.to(q.dtype), lse.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q_rows, k_pad, v_pad, out, lse = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        q_shape, k_shape, q_dtype, k_dtype = ctx.shapes
-        kv_heads = k_shape[2]
-        do_rows = _block_rows(d_out, plan.nq, plan.block, kv_heads, out.dtype)
-        dlse_rows = _block_rows(d_lse.transpose(1, 2).unsqueeze(-1), plan.nq, plan.block, kv_heads,
-                                out.dtype).squeeze(-1)
-        dq, dk, dv = torch.empty_like(q_rows), torch.zeros_like(k_pad), torch.zeros_like(v_pad)
-        for bi in range(q_shape[0]):
-            for g in range(kv_heads):
-                h = _Head(plan, g, q_rows[bi, g], k_pad[bi, g], v_pad[bi, g])
-                _backward_head(h, scale, out[bi, g], lse[bi, g], dlse_rows[bi, g], do_rows[bi, g],
-                               dq[bi, g], dk[bi, g], dv[bi, g])
+        q, k_pad, v_pad, out, lse = ctx.saved_tensors
+        plan, scale, k_shape = ctx.plan, ctx.scale, ctx.k_shape
+        dtype, s_q = out.dtype, q.shape[1]
+        d_lse = d_lse.transpose(1, 2).unsqueeze(-1)                      # [b, s_q, heads, 1]
+        dq = torch.empty_like(out)
+        dk, dv = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
+        for unit in plan.units:
+            rows = lambda x: _block_rows(x, unit.heads, plan, dtype)
+            q_rows, out_rows, do_rows = rows(q), rows(out), rows(d_out)
+            lse_rows, dlse_rows = rows(lse.unsqueeze(-1)).squeeze(-1), rows(d_lse).squeeze(-1)
+            dq_rows = torch.empty_like(q_rows)
+            for bi in range(q.shape[0]):
+                g = unit.kv_head
+                h = _Head(plan, unit, q_rows[bi], k_pad[bi, g], v_pad[bi, g])
+                _backward_head(h, scale, out_rows[bi], lse_rows[bi], dlse_rows[bi], do_rows[bi],
+                               dq_rows[bi], dk[bi, g], dv[bi, g])
+            dq[:, :, unit.heads] = _from_block_rows(dq_rows, s_q, len(unit.heads))
         keys = slice(plan.pad_front * plan.block, plan.pad_front * plan.block + k_shape[1])
-        return (_from_block_rows(dq, q_shape[1], q_shape[2]).to(q_dtype),
-                dk[:, :, keys].transpose(1, 2).to(k_dtype), dv[:, :, keys].transpose(1, 2).to(k_dtype),
-                None, None, None, None, None)
+        dk, dv = (t[:, :, keys].transpose(1, 2).to(ctx.k_dtype) for t in (dk, dv))
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None
 
 
 def torch_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offset: int, q_offset: int,
                     kv_offset: int):
-    """(out [b, s_q, h, d] like q, lse float32 [b, h, s_q]); see the module docstring."""
+    """(out [b, s_q, h, d] like q, lse [b, h, s_q] float32, float64 for float64 q); see the module
+    docstring. Needs s_q, s_kv and batch >= 1 (``s2_attention`` answers empty inputs itself)."""
     return _S2TorchFunction.apply(q, k, v, layout, softmax_scale, head_offset, q_offset, kv_offset)

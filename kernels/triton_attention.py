@@ -2,22 +2,24 @@
 
 What the kernels compute, for every query head ``h`` of ``q`` and its kv head
 ``g = (head_offset + h) // group_size``: softmax attention over exactly the keys of
-``S2Layout`` (local window, per-head strided residue, dense kv heads, ``homo_head``) with
-token-level causality (key position <= query position) and keys past ``s_kv`` masked. The
-forward saves the log-sum-exp; the backward is differentiable through both ``out`` and ``lse``.
+``S2Layout`` (local window, the query head's strided residue under either ``head_sharding``, dense
+kv heads, ``homo_head``) with token-level causality (key position <= query position) and keys past
+``s_kv`` masked. The forward saves the log-sum-exp; the backward is differentiable through both
+``out`` and ``lse``.
 
 How:
 - The pattern is compiled once per (layout, lengths, offsets, head range, tile shape, device) into
-  a CSR-like index (``_sparse_index``): for each kv head and each tile a program owns, the list of
-  tiles of the other operand it must visit, fully-active tiles first. The index is the union over
+  a CSR-like index (``_sparse_index``): for each query head and each tile a program owns, the list
+  of tiles of the other operand it must visit, fully-active tiles first. The index is the union over
   the S2 blocks inside a tile, so a tile may hold several blocks (Merge-Q when ``block_size`` is
   smaller than a tensor-core tile); the exact mask is then evaluated in-kernel from the formula
   (``_s2_active``), and skipped on fully-active tiles (the ``MASKED`` constexpr).
 - Forward: one program per (query tile, batch, head) runs an online softmax over its kv tiles.
 - Backward: a preprocess computes ``Delta = rowsum(O * dO) - dlse`` (the ``- dlse`` term carries
   the gradient of ``lse``); dQ is computed by rows (one program per query tile) and dK/dV by
-  columns (one program per kv tile of a kv head, looping over the query heads of its group), so
-  each gradient element has one writer: deterministic, no atomics, GQA without expanding K/V.
+  columns (one program per kv tile of a kv head, walking the query heads of its group in a fixed
+  order, each with its own tile list and mask), so each gradient element has one writer:
+  deterministic, no atomics, GQA without expanding K/V.
 
 Limits: head_dim in {16, 32, 64, 128, 256}; block_size 16..128; fp16 / bf16 (fp32 accumulation)
 and fp32 (IEEE dots, slow; meant for the interpreter); the last dim of q, k, v must be contiguous
@@ -114,14 +116,14 @@ def tile_configs(head_dim: int, block_size: int, dtype: torch.dtype) -> TileConf
 # -- the pattern compiled into tile lists ----------------------------------------------------------
 @dataclass(frozen=True)
 class _SparseIndex:
-    """For each (kv head, owned tile): the visited tiles, fully active first (CSR-like)."""
+    """For each (local query head, owned tile): the visited tiles, fully active first (CSR-like)."""
 
     tiles: torch.Tensor
     """int32 [nnz + 1]: visited tile indices (one trailing pad so the pointer is never null)."""
     bounds: torch.Tensor
-    """int32 [kv_heads, owned_tiles, 3]: start, first partially-masked entry, end into ``tiles``."""
+    """int32 [heads, owned_tiles, 3]: start, first partially-masked entry, end into ``tiles``."""
     pattern: torch.Tensor
-    """int32 [kv_heads, 2]: strided residue and local window in blocks (huge for dense heads)."""
+    """int32 [heads, 2]: strided residue and local window in blocks (huge for dense heads)."""
 
 
 def _tile_reduce(blocks_ij: torch.Tensor, block_size: int, block_m: int, block_n: int,
@@ -151,9 +153,9 @@ def _sparse_index(layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offse
     A tile pair is listed if any token pair in it is active, and 'full' if every token pair is
     (all rows and columns in bounds, causal everywhere, every block pair active).
     """
-    bs, group = layout.block_size, layout.group_size
+    bs = layout.block_size
     num_m, num_n = triton.cdiv(s_q, block_m), triton.cdiv(s_kv, block_n)
-    kv_heads = range(head_offset // group, (head_offset + num_heads - 1) // group + 1)
+    heads = range(head_offset, head_offset + num_heads)
 
     # token-level facts per tile pair, shared by all heads
     m = torch.arange(num_m, device=device).view(-1, 1)
@@ -164,20 +166,19 @@ def _sparse_index(layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offse
     all_causal = (k_last <= q_first) & ((m + 1) * block_m <= s_q) & ((n + 1) * block_n <= s_kv)
 
     any_list, full_list = [], []
-    for g in kv_heads:
+    for h in heads:
         blocks_ij = layout.block_mask(triton.cdiv(s_q, bs), triton.cdiv(s_kv, bs), q_offset // bs,
-                                      kv_offset // bs, head_offset=g * group, num_heads=1,
-                                      device=device)[0]
+                                      kv_offset // bs, head_offset=h, num_heads=1, device=device)[0]
         some, every = _tile_reduce(blocks_ij, bs, block_m, block_n, num_m, num_n)
         any_list.append(some & some_causal)
         full_list.append(every & all_causal)
-    visit, full = torch.stack(any_list), torch.stack(full_list)          # [kv_heads, num_m, num_n]
+    visit, full = torch.stack(any_list), torch.stack(full_list)          # [heads, num_m, num_n]
     if by_kv:
         visit, full = visit.transpose(1, 2), full.transpose(1, 2)
-    kv_count, owned = visit.shape[:2]
+    owned = visit.shape[1]
 
-    # (kv head, owned tile, visited tile) entries, full ones first; a stable sort by
-    # (kv head, owned tile) keeps that order within each list
+    # (head, owned tile, visited tile) entries, full ones first; a stable sort by
+    # (head, owned tile) keeps that order within each list
     entries = torch.cat([full.nonzero(), (visit & ~full).nonzero()])     # full implies visit
     tiles = entries[torch.argsort(entries[:, 0] * owned + entries[:, 1], stable=True), 2]
     count = visit.sum(2).reshape(-1)
@@ -185,15 +186,15 @@ def _sparse_index(layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offse
     start = end - count
     bounds = torch.stack([start, start + full.sum(2).reshape(-1), end], 1)
 
-    pattern = torch.tensor([[layout.strided_residue(g),
-                             _DENSE_WINDOW if layout.is_dense_kv_head(g) else layout.local_blocks]
-                            for g in kv_heads], dtype=torch.int32, device=device)
+    pattern = torch.tensor([[layout.strided_residue(h),
+                             _DENSE_WINDOW if layout.is_dense_head(h) else layout.local_blocks]
+                            for h in heads], dtype=torch.int32, device=device)
     return _SparseIndex(tiles=torch.cat([tiles, tiles.new_zeros(1)]).int(),
-                        bounds=bounds.view(kv_count, owned, 3).int(), pattern=pattern)
+                        bounds=bounds.view(num_heads, owned, 3).int(), pattern=pattern)
 
 
 # -- kernels ---------------------------------------------------------------------------------------
-# Pattern arguments shared by the kernels: ``residue`` and ``window`` of the program's kv head (from
+# Pattern arguments shared by the kernels: ``residue`` and ``window`` of a query head (from
 # _SparseIndex.pattern), ``vert_stride`` and ``block_size`` of the layout. Positions are absolute
 # token positions (q_offset / kv_offset added).
 
@@ -243,10 +244,11 @@ def _load_row_stats(lse_base, delta_base, start, seqlen, BLOCK: tl.constexpr, MA
 
 
 @triton.jit
-def _owned_tile(bounds_ptr, pattern_ptr, kv_head, tile):
-    """(first, first partially-masked, end) into the visited-tile list, and the kv head's pattern."""
-    row = bounds_ptr + (kv_head * tl.num_programs(0) + tile) * 3
-    pattern = pattern_ptr + 2 * kv_head
+def _owned_tile(bounds_ptr, pattern_ptr, head, tile):
+    """(first, first partially-masked, end) into the visited-tile list of local query head
+    ``head`` and owned tile ``tile`` (grid axis 0), and the head's residue and window."""
+    row = bounds_ptr + (head * tl.num_programs(0) + tile) * 3
+    pattern = pattern_ptr + 2 * head
     return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(pattern), tl.load(pattern + 1)
 
 
@@ -303,7 +305,7 @@ def _s2_forward_kernel(
                    BLOCK_M, HEAD_DIM, True)
     k_base = k_ptr + b * stride_kb + c * stride_kh
     v_base = v_ptr + b * stride_vb + c * stride_vh
-    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, c, pid_m)
+    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m)
 
     # A finite start for the running max keeps rows masked so far free of (-inf) - (-inf).
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -405,7 +407,7 @@ def _s2_backward_dq_kernel(
     lse2, delta = _load_row_stats(lse_ptr + stats, delta_ptr + stats, start_m, seqlen_q, BLOCK_M, True)
     k_base = k_ptr + b * stride_kb + c * stride_kh
     v_base = v_ptr + b * stride_vb + c * stride_vh
-    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, c, pid_m)
+    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_kv_tiles(dq, q, do, lse2, delta, q_pos, k_base, v_base, stride_ks, stride_vs, seqlen_k,
@@ -455,7 +457,7 @@ def _s2_backward_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    # sparse index (_SparseIndex; owned tiles = kv tiles = grid axis 0)
+    # sparse index (_SparseIndex per query head; owned tiles = kv tiles = grid axis 0)
     tiles_ptr, bounds_ptr, pattern_ptr,
     # heads as in _s2_forward_kernel, plus the number of kv heads of k
     num_heads, num_kv_heads, head_phase, group_size,
@@ -473,13 +475,14 @@ def _s2_backward_dkdv_kernel(
     v_base = v_ptr + b * stride_vb + c * stride_vh
     k = _load_rows(k_base, stride_ks, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
     v = _load_rows(v_base, stride_vs, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
-    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, c, pid_n)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    # The query heads of kv head c, in a fixed order: deterministic without atomics.
+    # The query heads of kv head c, in a fixed order, each with its own tile list and pattern:
+    # deterministic without atomics.
     for h in range(tl.maximum(c * group_size - head_phase, 0),
                    tl.minimum((c + 1) * group_size - head_phase, num_heads)):
+        first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_n)
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = dout_ptr + b * stride_dob + h * stride_doh
         stats = (b * num_heads + h) * seqlen_q
@@ -631,6 +634,7 @@ def _check_inputs(q, k, v, layout: S2Layout, head_offset: int) -> None:
 def triton_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offset: int,
                      q_offset: int, kv_offset: int):
     """S2 attention; returns (out like q, lse float32 [batch, heads, s_q]), differentiable in both.
+    Needs s_q, s_kv and batch >= 1 (``s2_attention`` answers empty inputs itself).
 
     q: [batch, s_q, heads, head_dim]; k, v: [batch, s_kv, kv_heads, head_dim]; any strides with a
     contiguous last dim. See ``s2attn.s2_attention`` for the meaning of the offsets.

@@ -131,6 +131,16 @@ class S2Layout:
         residues = {self.strided_residue(h) for h in range(self.num_heads)}
         return len(residues) == self.vert_stride
 
+    def unseen_block_pairs(self, seq_len: int) -> int:
+        """Causal block pairs (i, j) of a ``seq_len``-token sequence that no head attends: a key
+        block older than the window (i - j >= local_blocks) whose residue no head has, unless a
+        head is dense. 0 means the heads together cover the whole context."""
+        if self.num_dense_heads > 0:
+            return 0
+        n, seen = -(-seq_len // self.block_size), {self.strided_residue(h) for h in range(self.num_heads)}
+        return sum(n - self.local_blocks - j for j in range(max(0, n - self.local_blocks))
+                   if j % self.vert_stride not in seen)
+
     # -- masks --------------------------------------------------------------------------------------
     def head_pattern(self, head_offset: int, num_heads: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(long residue [heads], bool dense [heads]) of query heads head_offset .. +num_heads."""

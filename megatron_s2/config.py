@@ -10,9 +10,11 @@ built.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from s2attn import S2Layout
+from s2attn.layout import HEAD_SHARDINGS
 
 from .context_parallel import EXCHANGES
 
@@ -39,13 +41,22 @@ class S2AttentionConfig:
     vert_stride: int = 8
     """Each head also attends every ``vert_stride``-th older block, at its own residue."""
     head_sliding_offset: int = 0
-    """Added to the strided term; 1 reproduces Phi-3-small's layout."""
+    """Added to the strided term; 1 with head_sharding "query" reproduces Phi-3-small's layout."""
     head_sliding_step: int | None = None
-    """Residue shift between consecutive kv heads; None means max(1, vert_stride // num_kv_heads)."""
+    """Residue shift between consecutive sharding heads; None means max(1, vert_stride // n), n the
+    kv heads ("kv") or query heads ("query"). The S2 authors' library uses n = query heads even
+    with grouped K/V: head_sliding_step = max(1, vert_stride // num_heads) reproduces it."""
     num_dense_heads: int = 0
-    """The last ``num_dense_heads`` kv heads (global indices) attend every causal block."""
+    """The last ``num_dense_heads`` kv heads (global indices), so all their query heads, attend
+    every causal block."""
     homo_head: bool = False
-    """Every head uses kv head 0's strided residue (the context is not sharded over heads)."""
+    """Every head uses the first head's strided residue (the context is not sharded over heads)."""
+    head_sharding: str = "kv"
+    """What gives a head its strided residue: "kv" (its kv head: a GQA group shares one) or "query"
+    (every query head its own, as Phi-3-small; K/V stay grouped)."""
+    allow_uncovered_context: bool = False
+    """Accept a pattern whose heads together leave older blocks unseen (e.g. a window-only
+    baseline); otherwise ``validate_hybrid_model`` rejects it."""
     cp_exchange: str = "sparse"
     """Under context parallelism, how sparse layers bring the keys of other ranks: "sparse" (only
     the blocks the pattern reads) or "all_gather" (everything; the baseline)."""
@@ -67,14 +78,22 @@ class S2AttentionConfig:
         _require(_is_int(self.num_dense_heads) and self.num_dense_heads >= 0,
                  f"s2.num_dense_heads must be an integer >= 0, got {self.num_dense_heads!r}")
         _require(isinstance(self.homo_head, bool), f"s2.homo_head must be a bool, got {self.homo_head!r}")
+        _require(self.head_sharding in HEAD_SHARDINGS,
+                 f"s2.head_sharding must be one of {HEAD_SHARDINGS}, got {self.head_sharding!r}")
+        _require(isinstance(self.allow_uncovered_context, bool),
+                 f"s2.allow_uncovered_context must be a bool, got {self.allow_uncovered_context!r}")
 
     def to_layout(self, num_heads: int, num_kv_heads: int) -> S2Layout:
-        """The kernel's pattern for a layer with these (global, unsharded) head counts."""
-        return S2Layout(num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=self.block_size,
-                        local_blocks=self.local_blocks, vert_stride=self.vert_stride,
-                        head_sliding_offset=self.head_sliding_offset,
-                        head_sliding_step=self.head_sliding_step,
-                        num_dense_heads=self.num_dense_heads, homo_head=self.homo_head)
+        """The kernel's pattern for a layer with these (global, unsharded) head counts. Coverage of
+        the context is ``validate_hybrid_model``'s to judge, so S2Layout's warning is not repeated."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="S2 heads do not cover")
+            return S2Layout(num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=self.block_size,
+                            local_blocks=self.local_blocks, vert_stride=self.vert_stride,
+                            head_sliding_offset=self.head_sliding_offset,
+                            head_sliding_step=self.head_sliding_step,
+                            num_dense_heads=self.num_dense_heads, homo_head=self.homo_head,
+                            head_sharding=self.head_sharding)
 
 
 def check_layout(layout: str, num_layers: int) -> None:
@@ -135,7 +154,9 @@ def validate_hybrid_model(*, num_layers: int, num_attention_heads: int, num_quer
     """Every model/parallel check that needs no process group; ValueError naming fields and values.
 
     Under context parallelism the sequence is cut into 2*cp chunks, each a whole number of blocks,
-    so seq_length must be a multiple of 2 * context_parallel_size * block_size.
+    so seq_length must be a multiple of 2 * context_parallel_size * block_size. The heads together
+    must see every causal block pair at seq_length (the S2 design rule) unless
+    s2.allow_uncovered_context.
     """
     check_layout(layout, num_layers)
     check_heads(num_attention_heads, num_query_groups, tensor_model_parallel_size)
@@ -150,3 +171,18 @@ def validate_hybrid_model(*, num_layers: int, num_attention_heads: int, num_quer
     what = "s2.block_size" if cp == 1 else f"2 * context_parallel_size ({cp}) * s2.block_size"
     _require(_is_int(seq_length) and seq_length >= 1 and seq_length % unit == 0,
              f"seq_length ({seq_length!r}) must be a positive multiple of {what} = {unit}")
+    if SPARSE in layout and not s2.allow_uncovered_context:
+        check_context_coverage(s2, num_attention_heads, groups, seq_length)
+
+
+def check_context_coverage(s2: S2AttentionConfig, num_heads: int, num_kv_heads: int, seq_length: int) -> None:
+    """The heads of an S layer together see every causal block pair of a seq_length sequence."""
+    layout = s2.to_layout(num_heads, num_kv_heads)
+    unseen = layout.unseen_block_pairs(seq_length)
+    n = seq_length // s2.block_size
+    _require(unseen == 0,
+             f"{unseen} of {n * (n + 1) // 2} causal block pairs at seq_length {seq_length} are seen by no "
+             f"head: attention.s2.vert_stride ({s2.vert_stride}) has residues that no head takes with "
+             f"attention.s2.head_sharding={s2.head_sharding!r}, {num_heads} query / {num_kv_heads} kv heads, "
+             f"step {layout.step}. Fix: attention.s2.head_sharding=query, a smaller attention.s2.vert_stride, "
+             f"attention.s2.num_dense_heads >= 1, or attention.s2.allow_uncovered_context=true to accept it")

@@ -2,15 +2,23 @@
 
     from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, build_gpt_model
 """
-from .attention import DenseCoreAttention, S2CoreAttention
-from .config import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
-from .flops import FlopsPerToken, training_flops_per_token
-from .model import build_gpt_model, get_gpt_s2_layer_specs
-from .rope import PortableRotaryEmbedding
+import importlib
 
-__all__ = [
-    "S2AttentionConfig", "resolve_hybrid_layout", "validate_hybrid_model",
-    "get_gpt_s2_layer_specs", "build_gpt_model",
-    "S2CoreAttention", "DenseCoreAttention", "PortableRotaryEmbedding",
-    "training_flops_per_token", "FlopsPerToken",
-]
+# Exports load on first use (PEP 562), so that the parts that need only torch (config,
+# context_parallel, plots) import without megatron-core, e.g. on a GPU machine as shipped.
+_EXPORTS = {
+    "DenseCoreAttention": "attention", "S2CoreAttention": "attention",
+    "S2AttentionConfig": "config", "resolve_hybrid_layout": "config", "validate_hybrid_model": "config",
+    "FlopsPerToken": "flops", "training_flops_per_token": "flops",
+    "build_gpt_model": "model", "get_gpt_s2_layer_specs": "model",
+    "PortableRotaryEmbedding": "rope",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+__all__ = list(_EXPORTS)

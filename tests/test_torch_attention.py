@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from attention_cases import CASES, Case, assert_matches_reference, make_inputs, run
+from attention_cases import CASES, Case, assert_empty_inputs_answered, assert_matches_reference, make_inputs, run
 from s2attn import S2Layout, merge_attention, s2_attention
+from s2attn.api import _triton_supports
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -38,18 +39,35 @@ def test_fp16_large_logits_stay_finite():
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_merge_of_disjoint_key_halves_equals_full_attention(backend):
+    """float64 parts merge in float64: the unsharded result to float64 rounding, lse included."""
     case = Case("merge", s_q=128, s_kv=128, heads=4, kv_heads=2)
     layout = case.layout()
     q, k, v = (t.requires_grad_() for t in make_inputs(case, torch.float64))
-    full = s2_attention(q, k, v, layout, backend=backend)
+    full, full_lse = s2_attention(q, k, v, layout, return_lse=True, backend=backend)
     parts = [s2_attention(q, k[:, lo:hi], v[:, lo:hi], layout, kv_offset=lo, return_lse=True, backend=backend)
              for lo, hi in ((0, 64), (64, 128))]
-    merged = merge_attention([p[0] for p in parts], [p[1] for p in parts])
-    torch.testing.assert_close(merged, full, atol=1e-6, rtol=1e-6)   # lse is float32
+    merged, merged_lse = merge_attention([p[0] for p in parts], [p[1] for p in parts], return_lse=True)
+    assert full_lse.dtype == merged_lse.dtype == torch.float64
+    torch.testing.assert_close(merged, full, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(merged_lse, full_lse, atol=1e-12, rtol=1e-12)
     grads_full = torch.autograd.grad(full.square().sum(), (q, k, v))
     grads_merged = torch.autograd.grad(merged.square().sum(), (q, k, v))
     for gm, gf in zip(grads_merged, grads_full):
-        torch.testing.assert_close(gm, gf, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gm, gf, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_empty_inputs_are_answered_alike(backend):
+    assert_empty_inputs_answered(backend)
+
+
+@pytest.mark.parametrize("dtype, head_dim, block_size, triton", [
+    (torch.bfloat16, 128, 64, True), (torch.float16, 64, 16, True), (torch.float32, 32, 128, True),
+    (torch.float64, 64, 64, False),      # the kernels take no float64: auto must pick the torch path
+    (torch.float16, 48, 64, False), (torch.float16, 512, 64, False), (torch.float16, 64, 256, False),
+])
+def test_auto_dispatch_sends_triton_only_what_its_kernels_take(dtype, head_dim, block_size, triton):
+    assert _triton_supports(dtype, head_dim, block_size) is triton
 
 
 def test_merge_keeps_unseen_rows_zero_without_nan():

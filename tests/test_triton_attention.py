@@ -1,26 +1,19 @@
-"""The Triton kernels against the float64 reference: on CPU through the Triton interpreter, and on
-a GPU (``@pytest.mark.gpu``) for bf16, determinism and a larger shape.
-
-Why a subprocess: ``triton.jit`` picks the interpreter when it decorates a function, so
-TRITON_INTERPRET=1 must be set before triton itself is imported (its own library is jit code too).
-This pytest process keeps compiled kernels for the other test files; the interpreted checks all run
-in one child process started with TRITON_INTERPRET=1 (this file run as a script), which reports a
-pass or the failure text of each check. bf16 is not usable in the interpreter, hence GPU only.
+"""The Triton kernels against the float64 reference: on CPU through the Triton interpreter (in a
+child process, see ``attention_cases``), and on a GPU (``@pytest.mark.gpu``) for bf16,
+determinism and a larger shape. bf16 is not usable in the interpreter, hence GPU only.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import subprocess
 import sys
-import traceback
 import warnings
 
 import pytest
 import torch
 
-from attention_cases import CASES, Case, assert_matches_reference, make_inputs, run
+from attention_cases import (CASES, Case, assert_matches_reference, assert_empty_inputs_answered, interpreted_results,
+                             make_inputs, run, run_checks)
 from s2attn import S2Layout
 from s2attn.reference import reference_attention
 
@@ -96,32 +89,16 @@ def _interpreter_checks() -> dict:
               for case in CASES + EXTRA_CASES for dt, tol in TOLERANCES.items()}
     checks.update(no_key_rows=_check_no_key_rows, transposed_sbhd=_check_transposed_sbhd,
                   head_offset_inside_a_group=_check_head_offset_inside_a_group,
-                  fp16_large_logits=_check_fp16_large_logits_stay_finite)
+                  fp16_large_logits=_check_fp16_large_logits_stay_finite,
+                  empty_inputs=functools.partial(assert_empty_inputs_answered, "triton"))
     return checks
-
-
-def _run_interpreter_checks(result_path: str) -> None:
-    import s2attn.triton_attention
-    assert s2attn.triton_attention.INTERPRETED, "TRITON_INTERPRET=1 did not take effect"
-    results = {}
-    for name, check in _interpreter_checks().items():
-        try:
-            check()
-            results[name] = ""
-        except Exception:
-            results[name] = traceback.format_exc()
-    torch.save(results, result_path)
 
 
 # -- the tests -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory) -> dict:
     pytest.importorskip("triton")
-    path = tmp_path_factory.mktemp("triton_interpret") / "results.pt"
-    proc = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return torch.load(path)
+    return interpreted_results(__file__, tmp_path_factory.mktemp("triton_interpret") / "results.pt")
 
 
 @pytest.mark.parametrize("check", list(_interpreter_checks()))
@@ -193,4 +170,4 @@ def test_gpu_backward_is_deterministic():
 
 
 if __name__ == "__main__":
-    _run_interpreter_checks(sys.argv[1])
+    run_checks(_interpreter_checks(), sys.argv[1])

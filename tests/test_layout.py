@@ -7,14 +7,17 @@ import torch
 from s2attn import S2Layout
 
 
-def formula(layout, i, j, g):
+def formula(layout, i, j, h):
+    """The module docstring's formula for global query head h."""
+    g = h // layout.group_size
     if j > i:
         return False
-    if layout.is_dense_kv_head(g):
+    if g >= layout.num_kv_heads - layout.num_dense_heads:
         return True
-    step = layout.head_sliding_step if layout.head_sliding_step is not None else max(1, layout.vert_stride // layout.num_kv_heads)
-    g_eff = 0 if layout.homo_head else g
-    return i - j < layout.local_blocks or (j + g_eff * step + layout.head_sliding_offset) % layout.vert_stride == 0
+    sharding_heads = layout.num_heads if layout.head_sharding == "query" else layout.num_kv_heads
+    step = layout.head_sliding_step if layout.head_sliding_step is not None else max(1, layout.vert_stride // sharding_heads)
+    r = 0 if layout.homo_head else (h if layout.head_sharding == "query" else g)
+    return i - j < layout.local_blocks or (j + r * step + layout.head_sliding_offset) % layout.vert_stride == 0
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -22,6 +25,10 @@ def formula(layout, i, j, g):
     dict(num_heads=8, num_kv_heads=2, block_size=32, local_blocks=3, vert_stride=4, head_sliding_offset=1),
     dict(num_heads=8, num_kv_heads=4, block_size=64, local_blocks=1, vert_stride=8, head_sliding_step=3, num_dense_heads=1),
     dict(num_heads=4, num_kv_heads=4, block_size=16, local_blocks=2, vert_stride=3, homo_head=True),
+    dict(num_heads=8, num_kv_heads=2, block_size=16, local_blocks=2, vert_stride=8, head_sliding_offset=1,
+         head_sharding="query"),
+    dict(num_heads=8, num_kv_heads=4, block_size=16, local_blocks=1, vert_stride=3, num_dense_heads=1,
+         head_sharding="query"),
 ])
 @pytest.mark.parametrize("offsets", [(0, 0, 0, None), (5, 2, 2, 4), (3, 0, 2, 2)])
 def test_block_mask_matches_formula(kwargs, offsets):
@@ -33,24 +40,47 @@ def test_block_mask_matches_formula(kwargs, offsets):
     mask = layout.block_mask(9, 11, q_block_offset=q_off, kv_block_offset=kv_off, head_offset=head_off, num_heads=heads)
     assert mask.shape == (heads, 9, 11) and mask.dtype == torch.bool
     for h in range(heads):
-        g = (head_off + h) // layout.group_size
         for i in range(9):
             for j in range(11):
-                assert bool(mask[h, i, j]) == formula(layout, i + q_off, j + kv_off, g), (h, i, j)
+                assert bool(mask[h, i, j]) == formula(layout, i + q_off, j + kv_off, head_off + h), (h, i, j)
 
 
-def test_phi3_small_layout_and_density():
-    # Phi-3-small: 32 q heads, 8 kv heads, block 64, 16 local blocks, stride 8, offset 1.
-    layout = S2Layout(32, 8, 64, 16, 8, head_sliding_offset=1)
-    assert layout.step == 1 and layout.covers_all_residues()
+def test_smallest_gqa_case_shards_per_query_head_only_when_asked():
+    kw = dict(num_heads=2, num_kv_heads=1, block_size=16, local_blocks=1, vert_stride=2, head_sliding_offset=1)
+    with pytest.warns(UserWarning, match="do not cover"):
+        kv = S2Layout(**kw)
+    query = S2Layout(**kw, head_sharding="query")
+    assert kv.block_mask(2, 2)[1].tolist() == [[True, False], [False, True]]
+    assert query.block_mask(2, 2)[1].tolist() == [[True, False], [True, True]]     # Phi-3-small's head 1
+    assert query.step == 1 and kv.step == 2
+
+
+@pytest.mark.parametrize("sharding", ["kv", "query"])
+def test_phi3_small_layout_and_density(sharding):
+    # Phi-3-small's shape: 32 q heads, 8 kv heads, block 64, 16 local blocks, stride 8, offset 1.
+    layout = S2Layout(32, 8, 64, 16, 8, head_sliding_offset=1, head_sharding=sharding)
+    assert layout.step == 1 and layout.covers_all_residues() and layout.unseen_block_pairs(8192) == 0
     n = 8192 // 64
     mask = layout.block_mask(n, n)
     causal = n * (n + 1) // 2
     assert layout.density(8192) == pytest.approx(mask.sum().item() / (32 * causal))
-    # Kv head 0 with offset 1 uses the blocks j = 7, 15, ... (j + 1) % 8 == 0.
+    # Head 0 with offset 1 uses the blocks j = 7, 15, ... (j + 1) % 8 == 0; head 1 of the same kv
+    # head has its own residue only under query sharding: (j + 2) % 8 == 0.
     assert bool(mask[0, n - 1, 7]) and not bool(mask[0, n - 1, 8])
+    assert bool(mask[1, n - 1, 6]) == (sharding == "query")
     # The union over heads covers every causal block.
     assert torch.equal(mask.any(0), torch.ones(n, n, dtype=torch.bool).tril())
+
+
+def test_unseen_block_pairs_counts_what_no_head_attends():
+    # The old 1.3B recipe pattern: 8 kv heads x step 2 cover the even residues of stride 16 only.
+    with pytest.warns(UserWarning, match="do not cover"):
+        kv = S2Layout(16, 8, 64, 16, 16)
+    n = 8192 // 64
+    union = kv.block_mask(n, n).any(0)
+    assert kv.unseen_block_pairs(8192) == 3136 == int((~union).tril().sum())
+    assert S2Layout(16, 8, 64, 16, 16, head_sharding="query").unseen_block_pairs(8192) == 0
+    assert kv.unseen_block_pairs(16 * 64) == 0          # the window spans the whole sequence
 
 
 def test_density_of_the_benchmark_setting():
@@ -70,7 +100,7 @@ def test_warns_when_heads_miss_residues():
     (dict(block_size=48), "block_size"), (dict(block_size=8), "block_size"),
     (dict(local_blocks=0), "local_blocks"), (dict(vert_stride=0), "vert_stride"),
     (dict(num_heads=6, num_kv_heads=4), "num_heads"), (dict(num_dense_heads=5), "num_dense_heads"),
-    (dict(head_sliding_step=-1), "head_sliding_step"),
+    (dict(head_sliding_step=-1), "head_sliding_step"), (dict(head_sharding="group"), "head_sharding"),
 ])
 def test_bad_layout_names_field_and_value(kwargs, field):
     args = dict(num_heads=8, num_kv_heads=4, block_size=64, local_blocks=4, vert_stride=4) | kwargs

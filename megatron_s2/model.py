@@ -1,9 +1,10 @@
 """Hybrid S2/dense GPT models through Megatron-Core's layer specs.
 
 ``get_gpt_s2_layer_specs`` takes Megatron's own GPT layer spec (TransformerEngine's when TE is
-installed and allowed, the local one otherwise) and swaps only the ``core_attention`` of each
-layer: ``S2CoreAttention`` on ``S`` layers; TE's attention (or our ``DenseCoreAttention``) on ``D``
-layers. Linear layers, norms, MLP and Megatron's ``SelfAttention`` stay Megatron's.
+installed and allowed, the local one otherwise) and swaps the ``core_attention`` of each layer:
+``S2CoreAttention`` on ``S`` layers; TE's attention (or our ``DenseCoreAttention``) on ``D`` layers.
+In the local spec the norms become ``megatron_s2.norm.Norm`` (Megatron's torch norm refuses
+sequence parallelism). Linear layers, MLP and Megatron's ``SelfAttention`` stay Megatron's.
 ``build_gpt_model`` validates everything first, builds the ``GPTModel``, and gives it our
 device-agnostic RoPE.
 
@@ -25,6 +26,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from .attention import DenseCoreAttention, S2CoreAttention
 from .config import SPARSE, S2AttentionConfig, check_heads, check_layout, validate_hybrid_model
+from .norm import Norm
 from .rope import PortableRotaryEmbedding
 
 
@@ -37,12 +39,16 @@ def _resolve_use_te(use_te: bool | None) -> bool:
 
 
 def _layer_spec(config: TransformerConfig, use_te: bool, core_attention) -> ModuleSpec:
-    """Megatron's GPT layer spec for this config with ``core_attention`` swapped in."""
+    """Megatron's GPT layer spec for this config with ``core_attention`` (and the local norms) swapped in."""
     if use_te:
         spec = megatron_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
         spec = megatron_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
                                                        normalization=config.normalization)
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = Norm
+        if config.qk_layernorm:
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = Norm
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
@@ -75,11 +81,9 @@ def get_gpt_s2_layer_specs(config: TransformerConfig, s2: S2AttentionConfig, lay
         from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
         dense_attention, final_norm = TEDotProductAttention, TENorm
     else:
-        dense_attention = DenseCoreAttention
+        dense_attention, final_norm = DenseCoreAttention, Norm
     sparse_spec = _layer_spec(config, use_te, functools.partial(S2CoreAttention, s2=s2))
     dense_spec = _layer_spec(config, use_te, dense_attention)
-    if not use_te:
-        final_norm = dense_spec.submodules.input_layernorm   # the norm class Megatron picked
     layer_specs = [sparse_spec if layout[i] == SPARSE else dense_spec
                    for i in _stage_layer_ids(config, vp_stage, pp_rank)]
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)

@@ -2,7 +2,8 @@
 
 Covers: forward + backward, the layer modules following the layout, a sparse layer's output
 against the float64 dense reference with the S2 mask, all-S with a covering window equal to all-D,
-the pipeline-stage slice of the layout, and errors raised before any model is built.
+the pipeline-stage slice of the layout, errors raised before any model is built, and our norm (the
+local spec's, sequence-parallel capable) against its float64 formula.
 """
 import math
 
@@ -12,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_s2 import (DenseCoreAttention, S2AttentionConfig, S2CoreAttention, build_gpt_model,
                          get_gpt_s2_layer_specs)
+from megatron_s2.norm import Norm
 from megatron_s2.parallel import model_parallel_session
 from s2attn.reference import reference_attention
 
@@ -48,6 +50,8 @@ def test_hybrid_model_trains_and_follows_layout():
     model = build(layout, gated_linear_unit=True, activation_func=torch.nn.functional.silu)
     kinds = [type(layer.self_attention.core_attention) for layer in model.decoder.layers]
     assert kinds == [DenseCoreAttention, S2CoreAttention, S2CoreAttention, DenseCoreAttention]
+    norms = [m for m in model.modules() if isinstance(m, Norm)]
+    assert len(norms) == 2 * len(layout) + 1                      # two per layer and the final norm
     loss = loss_of(model)
     assert math.isfinite(loss.item())
     loss.backward()
@@ -128,3 +132,35 @@ def test_bad_models_fail_with_named_fields(layout, kw, match):
 def test_bad_sequence_length_fails_before_build():
     with pytest.raises(ValueError, match=r"seq_length \(120\) must be a positive multiple of s2.block_size = 16"):
         build_gpt_model(make_config(2), S2, "SD", vocab_size=VOCAB, max_sequence_length=120)
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_norm_matches_float64_formula(normalization, sequence_parallel):
+    config = make_config(1, normalization=normalization, sequence_parallel=sequence_parallel,
+                         tensor_model_parallel_size=2 if sequence_parallel else 1)
+    norm = Norm(config, 64, eps=1e-5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(5, 3, 64) * 3 + 1
+    x64, w = x.double(), norm.weight.double()
+    if normalization == "RMSNorm":
+        expected = x64 / (x64.square().mean(-1, keepdim=True) + 1e-5).sqrt() * w
+    else:
+        centred = x64 - x64.mean(-1, keepdim=True)
+        expected = centred / (centred.square().mean(-1, keepdim=True) + 1e-5).sqrt() * w + norm.bias.double()
+    torch.testing.assert_close(norm(x).double(), expected, atol=1e-5, rtol=1e-5)
+    got_bf16 = norm.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert got_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf16.double(), expected, atol=5e-2, rtol=2e-2)
+    assert len(list(norm.parameters())) == (1 if normalization == "RMSNorm" else 2)
+    assert all(p.sequence_parallel is sequence_parallel for p in norm.parameters())   # read by finalize_model_grads
+
+
+def test_norm_refuses_what_it_does_not_compute():
+    with pytest.raises(ValueError, match=r"config.normalization must be one of .* got 'L2Norm'"):
+        Norm(make_config(1, normalization="L2Norm"), 64)
+    with pytest.raises(ValueError, match=r"layernorm_zero_centered_gamma=True"):
+        Norm(make_config(1, layernorm_zero_centered_gamma=True), 64)

@@ -8,6 +8,8 @@ tokens (Megatron's CP order), sums gradients over the CP group and all-gathers t
 builds the unsplit model (CPU initialisation draws the full weights from the same seed and splits
 them, so the weights are equal) and does the same. Rank 0 writes, per case, the largest relative
 per-token loss difference and the largest gradient difference relative to the gradient's scale.
+With TP > 1 the GQA model is also built under sequence parallelism (build only: Megatron's
+sequence-parallel collectives allocate on CUDA): which parameters are marked ``sequence_parallel``.
 """
 import datetime
 import json
@@ -32,22 +34,34 @@ CASES = {
     "gqa": (8, 4, S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=4), "SSD"),
     "dense_heads": (4, 2, S2AttentionConfig(block_size=16, local_blocks=1, vert_stride=8,
                                             num_dense_heads=1), "DSS"),
-    "all_gather_exchange": (4, 2, S2AttentionConfig(block_size=16, local_blocks=1, vert_stride=4,
+    "all_gather_exchange": (4, 2, S2AttentionConfig(block_size=16, local_blocks=1, vert_stride=2,
                                                     cp_exchange="all_gather"), "SS"),
     "dense": (4, 2, S2AttentionConfig(block_size=16), "DD"),
 }
 
 
+def build(tp: int, cp: int, heads: int, groups: int, s2: S2AttentionConfig, layout: str, **kw):
+    config = TransformerConfig(num_layers=len(layout), hidden_size=64, num_attention_heads=heads,
+                               num_query_groups=groups, ffn_hidden_size=128,
+                               tensor_model_parallel_size=tp, context_parallel_size=cp,
+                               use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+                               add_bias_linear=True, **kw)
+    torch.manual_seed(1234)
+    return build_gpt_model(config, s2, layout, vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def sequence_parallel_marks(tp: int, cp: int) -> dict:
+    """Names of the norm parameters and of the parameters marked ``sequence_parallel``."""
+    with model_parallel_session(tp, cp):
+        model = build(tp, cp, *CASES["gqa"], sequence_parallel=True)
+        return {"norm_params": sorted(n for n, _ in model.named_parameters() if "layernorm" in n),
+                "marked": sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))}
+
+
 def run(tp: int, cp: int, heads: int, groups: int, s2: S2AttentionConfig, layout: str):
     """(per-token loss of this rank's tokens, {name: full gradient}) at (tp, cp)."""
     with model_parallel_session(tp, cp):
-        config = TransformerConfig(num_layers=len(layout), hidden_size=64, num_attention_heads=heads,
-                                   num_query_groups=groups, ffn_hidden_size=128,
-                                   tensor_model_parallel_size=tp, context_parallel_size=cp,
-                                   use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-                                   add_bias_linear=True)
-        torch.manual_seed(1234)
-        model = build_gpt_model(config, s2, layout, vocab_size=VOCAB, max_sequence_length=SEQ)
+        model = build(tp, cp, heads, groups, s2, layout)
         generator = torch.Generator().manual_seed(5)
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(SEQ).expand(BATCH, SEQ)}
@@ -83,6 +97,8 @@ def main(out_path: str, tp: int, cp: int) -> None:
         dist.all_reduce(errors, op=dist.ReduceOp.MAX)
         results[name] = {"loss_rel_diff": errors[0].item(), "max_grad_rel_diff": errors[1].item(),
                          "num_params": len(grads_full)}
+    if tp > 1:
+        results["sequence_parallel"] = sequence_parallel_marks(tp, cp)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -6,8 +6,9 @@ Two ways to bring them, one autograd function each (the backward sends dK/dV to 
 
 * ``all_gather``: every rank gathers all K/V (baseline; also the only choice for dense layers);
 * ``sparse``: a rank receives only the key blocks its queries attend under the S2 layout: the local
-  window before each chunk and each head's strided blocks, older than its queries. What each rank
-  needs is computed from the layout on every rank alike, so no metadata is exchanged.
+  window before each chunk and each head's strided blocks, older than its queries; for a kv head,
+  the union of the blocks its query heads read (they differ under per-query-head sharding). What
+  each rank needs is computed from the layout on every rank alike, so no metadata is exchanged.
 
 Then each local query chunk attends the keys up to its end with absolute offsets (``q_offset``),
 through any ``attend(q, k, v, q_offset)`` function. Blocks that were not received are zeros that
@@ -85,7 +86,8 @@ def split_batch_for_cp(batch: dict, cp_size: int, cp_rank: int, seq_dim: int = 1
 # -- which key blocks a rank needs ---------------------------------------------------------------
 @functools.lru_cache(maxsize=32)
 def needed_key_blocks(layout: S2Layout, geo: CPGeometry, rank: int, head_offset: int, kv_heads: int) -> torch.Tensor:
-    """bool [kv_heads, total blocks]: the key blocks ``rank``'s queries attend, per local kv head."""
+    """bool [kv_heads, total blocks]: the key blocks ``rank``'s queries attend, per local kv head
+    (the union over its query heads)."""
     total = geo.seq_len // geo.block_size
     heads = kv_heads * layout.group_size
     need = torch.zeros(heads, total, dtype=torch.bool)

@@ -6,7 +6,8 @@ Counts matrix-multiply FLOPs (2 per multiply-add) of one token's forward pass:
   projection, MLP (two matrices, three when gated, e.g. SwiGLU);
 * attention scores and values: 4 * d * H FLOPs per attended key. Attention is counted at block
   granularity, as the kernels compute it: a D layer computes every causal block pair, an S layer
-  only its active pairs (the layout's density over all heads). Diagonal blocks count in full;
+  only its active pairs (the layout's density over all query heads, whichever ``head_sharding``
+  gives them their residues). Diagonal blocks count in full;
 * the output logits (2 * hidden * vocab).
 
 Training = 3 x forward (the backward pass costs twice the forward). Norms, softmax, RoPE and

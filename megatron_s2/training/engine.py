@@ -9,12 +9,23 @@ every rank's micro batches; gradients reduced), ``grad_norm`` (before clipping),
 update). Skipping a step is simply not calling ``step``: the next ``forward_backward`` clears the
 gradients.
 
-- ``CpuEngine`` (gloo, fp32; tested): plain torch AdamW, a flattened gradient all-reduce, a global
-  norm over tensor-parallel shards (duplicated parameters counted once), clipping. Optimizer state
-  goes into dist checkpoints through Megatron's helpers, sharded like the parameters it belongs to.
-- ``GpuEngine`` (CUDA, bf16; NOT exercised by the test suite, which has no GPU): Megatron-Core's
-  DistributedDataParallel, distributed optimizer (which clips) and forward-backward schedules,
-  pipeline schedules included when pp > 1.
+- ``CpuEngine`` (fp32, gloo; its tensors stay on the model's device, so a GPU test can run it as a
+  reference): plain torch AdamW, a flattened gradient all-reduce, a global norm over
+  tensor-parallel shards (duplicated parameters counted once), clipping. Optimizer state goes
+  into dist checkpoints through Megatron's helpers, sharded like the parameters it belongs to.
+- ``GpuEngine`` (CUDA, bf16 or fp32): Megatron-Core's DistributedDataParallel, distributed
+  optimizer and forward-backward schedules, pipeline schedules included when pp > 1. Megatron's
+  schedules reduce gradients only through hooks on the model's TransformerConfig, which
+  ``set_schedule_hooks`` sets as Megatron-LM's ``training.train`` does (see there). The loss
+  function returns (loss_sum, num_tokens, report) with ``calculate_per_token_loss=False`` (the
+  TransformerConfig default), so Megatron divides each micro batch's sum by its tokens and by the
+  number of micro batches (``schedules.forward_step_calc_loss``) and DDP scales gradients by
+  1 / (dp x cp) before summing them (``gradient_scaling_factor``): the CpuEngine's objective and
+  gradients. Under context parallelism "its tokens" are this rank's loss-masked tokens, in both
+  engines: the objective is the mean over CP ranks of their local token means, which equals the
+  micro batch's token mean when the loss mask covers every CP chunk alike (e.g. all ones). The CPU
+  suite checks the hook wiring and the schedule arguments; tests/test_gpu_engine.py (marked gpu)
+  compares the engine with CpuEngine and with one process on a GPU.
 """
 from __future__ import annotations
 
@@ -47,13 +58,14 @@ def reduce_loss(loss_sum_tokens: torch.Tensor) -> float:
 
 
 class CpuEngine:
-    """fp32 training on gloo with a plain torch optimizer."""
+    """fp32 training with a plain torch optimizer (the trainer's CPU path)."""
 
     def __init__(self, model: torch.nn.Module, cfg: PretrainConfig) -> None:
         t = cfg.train
         self.model = self.module = model
         self.clip_grad = t.clip_grad
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
         # No weight decay on norms and biases (wd_mult is read by Megatron's scheduler).
         decay = [p for p in self.params if p.dim() > 1]
         no_decay = [p for p in self.params if p.dim() <= 1]
@@ -67,7 +79,7 @@ class CpuEngine:
         self.model.train()
         for p in self.params:
             p.grad = None
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in micro_batches:
             loss_sum, tokens, _ = _forward_loss(self.model, batch)
             (loss_sum / tokens.clamp(min=1) / len(micro_batches)).backward()
@@ -79,7 +91,8 @@ class CpuEngine:
     def grad_norm(self) -> float:
         """Global L2 norm over TP/PP shards (duplicated parameters counted once)."""
         squares = sum((p.grad.double().square().sum() for p in self.params
-                       if param_is_not_tensor_parallel_duplicate(p)), torch.zeros((), dtype=torch.float64))
+                       if param_is_not_tensor_parallel_duplicate(p)),
+                      torch.zeros((), dtype=torch.float64, device=self.device))
         dist.all_reduce(squares, group=self.mp_group)
         return squares.sqrt().item()
 
@@ -93,7 +106,7 @@ class CpuEngine:
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict]) -> float:
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in micro_batches:
             loss_sum, tokens, _ = _forward_loss(self.model, batch)
             totals += torch.stack([loss_sum, tokens]).double()
@@ -134,15 +147,53 @@ class CpuEngine:
                                         "param_groups": self.optimizer.state_dict()["param_groups"]})
 
 
+def set_schedule_hooks(config, model, optimizer) -> None:
+    """Set the hooks of ``config`` (the TransformerConfig that ``model`` and Megatron's schedules
+    read) for a Megatron DDP ``model`` and its Megatron ``optimizer``, as Megatron-LM's
+    ``training.train`` does:
+
+    - ``finalize_model_grads_func = megatron.core.distributed.finalize_model_grads``: after the last
+      backward the schedules call it with ([model], num_tokens or None, pg_collection=...,
+      force_all_reduce=...). It finishes the DDP gradient reduction (all-reduce, or reduce-scatter
+      into the distributed optimizer's shards) over dp x cp, sums the gradients of parameters
+      marked ``sequence_parallel`` over TP, and ties the embedding gradients of the first and last
+      pipeline stages. Without it no gradient is reduced at all.
+    - ``grad_scale_func = optimizer.scale_loss``: the schedules scale the loss before backward
+      (1 in bf16 and fp32; the loss scale under fp16).
+    - With ``model.ddp_config.overlap_grad_reduce``: ``no_sync_func = model.no_sync`` (no reduction
+      during the first micro batches) and ``grad_sync_func = model.start_grad_sync`` (buckets start
+      reducing as their last backward finishes); with ``overlap_param_gather`` and
+      ``align_param_gather``: ``param_sync_func = model.start_param_sync``. Otherwise these are
+      None. GpuEngine overlaps nothing today, so only the first two are set.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    ddp = model.ddp_config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = model.no_sync if ddp.overlap_grad_reduce else None
+    config.grad_sync_func = model.start_grad_sync if ddp.overlap_grad_reduce else None
+    config.param_sync_func = (model.start_param_sync if ddp.overlap_param_gather and ddp.align_param_gather
+                              else None)
+
+
+def schedule_shape(cfg: PretrainConfig) -> dict:
+    """``seq_length`` and ``micro_batch_size`` for Megatron's forward-backward schedules: the whole
+    training sequence, not this rank's part. The schedules size the pipeline send/receive buffers
+    themselves as [seq_length / cp (/ tp under sequence parallelism), micro_batch_size, hidden]
+    (``schedules.get_tensor_shapes`` in megatron-core 0.16)."""
+    return {"seq_length": cfg.train.seq_length, "micro_batch_size": cfg.train.micro_batch_size}
+
+
 class GpuEngine:
-    """Megatron-Core DDP + distributed optimizer + forward-backward schedules (untested here)."""
+    """Megatron-Core DDP + distributed optimizer + forward-backward schedules."""
 
     def __init__(self, model: torch.nn.Module, cfg: PretrainConfig, transformer_config) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         t = cfg.train
-        self.seq_length, self.micro_batch_size = t.seq_length, t.micro_batch_size
+        self.shape = schedule_shape(cfg)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=True,
                                                    check_for_nan_in_grad=False)   # the loop checks
@@ -156,6 +207,7 @@ class GpuEngine:
                             params_dtype=torch.bfloat16 if bf16 else torch.float32,
                             use_distributed_optimizer=True),
             [self.model])
+        set_schedule_hooks(transformer_config, self.model, self.optimizer)
 
     def _run(self, micro_batches: list[dict], forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -173,9 +225,7 @@ class GpuEngine:
 
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
-            num_microbatches=len(micro_batches),
-            seq_length=self.seq_length // parallel_state.get_context_parallel_world_size(),
-            micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+            num_microbatches=len(micro_batches), forward_only=forward_only, **self.shape)
         totals = torch.zeros(2, dtype=torch.float64, device="cuda")
         for report in reports:      # empty off the last pipeline stage
             totals += report["lm loss"].double()

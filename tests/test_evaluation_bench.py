@@ -18,7 +18,7 @@ def test_sweep_table_rows():
     def row(layout, best, speedup, predicted):
         return {"layout": layout, "tokens_per_s": 1024 / best, "best_step_s": best, "median_step_s": best,
                 "peak_memory_bytes": 2**30, "step_memory_bytes": 2**29, "measured_speedup": speedup,
-                "median_speedup": speedup, "predicted_speedup": predicted, "tflops_per_s": 0.1,
+                "median_speedup": speedup, "predicted_speedup": predicted, "tflops_per_s": 0.1, "mfu": None,
                 "fraction_of_predicted": speedup / predicted, "step_times_s": [best]}
     results = [{"benchmark": {"seq_length": 1024}, "load_average_1m_before_after": [1.0, 2.0], "torch_threads": 2,
                 "layouts": [row("DD", 2.0, 1.0, 1.0), row("SD", 1.0, 2.0, 2.5)]}]

@@ -6,6 +6,7 @@ GPU; the peak resident set of a fresh child process on the CPU, where torch has 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import statistics
@@ -53,12 +54,28 @@ def attention_flops(layout: S2Layout | None, shape: AttentionShape) -> tuple[flo
     return forward, 2.5 * forward
 
 
-def sdpa_causal(q, k, v):
-    """Dense causal attention with PyTorch's fused SDPA (flash on GPU); [b, s, h, d] in and out."""
-    q_bhsd, k_bhsd, v_bhsd = (t.transpose(1, 2) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q_bhsd, k_bhsd, v_bhsd, is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+"""Names of ``torch.nn.attention.SDPBackend`` members a benchmark can pin SDPA to."""
+
+
+def sdpa_causal_fn(backend: str | None = None):
+    """Dense causal attention with PyTorch's fused SDPA; [b, s, h, d] in and out.
+
+    backend: None lets PyTorch choose (its CPU flash kernel on the CPU); a key of ``SDPA_BACKENDS``
+    pins that kernel (``torch.nn.attention.sdpa_kernel``), which raises RuntimeError where it
+    cannot run the shape or dtype instead of falling back to another.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pinned = None if backend is None else getattr(SDPBackend, SDPA_BACKENDS[backend])
+
+    def run(q, k, v):
+        q_bhsd, k_bhsd, v_bhsd = (t.transpose(1, 2) for t in (q, k, v))
+        with contextlib.nullcontext() if pinned is None else sdpa_kernel(pinned):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q_bhsd, k_bhsd, v_bhsd, is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+    return run
 
 
 def flex_attention_fn(layout: S2Layout, seq_len: int, device: str):

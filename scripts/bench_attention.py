@@ -2,10 +2,17 @@
 
     python scripts/bench_attention.py --preset cpu            # issue figures on 2 CPU cores
     python scripts/bench_attention.py --preset gpu            # b=4 h=16 d=128 bf16, 32k and 64k
+    python scripts/bench_attention.py --preset gpu --vert-stride 1 --methods sdpa_flash s2_triton
     python scripts/bench_attention.py --preset cpu --seq-lens 4096 --memory-seq-len 0 --repeats 1
 
-Prints a table and writes JSON (every timing, density, speed-up over SDPA, TFLOP/s on the blocks
-each method computes) and a figure (speed-up by length, time per method at the longest length). On the CPU FlexAttention has no backward: it is timed forward only.
+Methods: on a GPU, SDPA pinned to its flash and cuDNN kernels (``sdpa_flash`` is the reference of
+the speed-ups), S2 Triton and torch, and compiled FlexAttention with the S2 block mask; on the CPU,
+SDPA as PyTorch dispatches it (the reference), S2 torch and FlexAttention (forward only: it has no
+CPU backward). A method that fails (e.g. a kernel that cannot take the shape) is recorded with its
+error and the others still run; the exit status is then 1.
+
+Prints a table and writes JSON (every timing, density, speed-up over the reference, TFLOP/s on the
+blocks each method computes) and a figure (speed-up by length, time per method at the longest length).
 """
 from __future__ import annotations
 
@@ -17,11 +24,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import triton
 
-from megatron_s2.evaluation.plots import plot_attention_benchmark
+from megatron_s2.plots import plot_attention_benchmark
 from s2attn import S2Layout
 from s2attn.benchmark import (AttentionShape, attention_flops, describe, device_name, flex_attention_fn, peak_memory_bytes,
-                              s2_fn, sdpa_causal, tflops, time_attention)
+                              s2_fn, sdpa_causal_fn, tflops, time_attention)
 
 PRESETS = {
     "cpu": dict(shape=AttentionShape(1, 16384, 8, 8, 64, "float32", "cpu"), seq_lens=[16384],
@@ -31,65 +39,99 @@ PRESETS = {
 }
 
 
+def method_table(layout: S2Layout, shape: AttentionShape) -> dict:
+    """name -> (make the fn, computes the S2 mask, has a backward) for every method on shape.device;
+    the first is the reference of the speed-ups."""
+    if shape.device == "cuda":
+        table = {f"sdpa_{b}": (lambda b=b: sdpa_causal_fn(b), False, True) for b in ("flash", "cudnn")}
+        table["s2_triton"] = (lambda: s2_fn(layout, "triton"), True, True)
+    else:
+        table = {"sdpa_causal": (sdpa_causal_fn, False, True)}
+    table["s2_torch"] = (lambda: s2_fn(layout, "torch"), True, True)
+    table["flex_attention"] = (lambda: flex_attention_fn(layout, shape.seq_len, shape.device), True,
+                               shape.device == "cuda")
+    return table
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seq-lens", type=int, nargs="+", help="override the preset's sequence lengths")
     p.add_argument("--vert-stride", type=int, help="override the preset's stride (1: dense pattern)")
+    p.add_argument("--methods", nargs="+", help="run only these methods (default: all on the preset's device)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-seq-len", type=int, help="peak memory of one S2 fwd+bwd at this length (0: skip)")
-    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     p.add_argument("--json", type=Path, default=Path("bench_attention.json"))
     p.add_argument("--figure", default="bench_attention.png", help="PNG output path ('' for none)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    try:
+        args.layout = S2Layout(preset["shape"].heads, preset["shape"].kv_heads,
+                               **preset["layout"] | ({"vert_stride": args.vert_stride} if args.vert_stride is not None else {}))
+    except ValueError as error:
+        p.error(f"--vert-stride {args.vert_stride}: {error}")
+    available = list(method_table(args.layout, preset["shape"]))
+    for name in args.methods or []:
+        if name not in available:
+            p.error(f"--methods {name}: not available with --preset {args.preset} (available: {' '.join(available)})")
+    args.methods = [m for m in args.methods or available if not (args.no_flex and m == "flex_attention")]
+    for name, value in (("--repeats", args.repeats), *(("--seq-lens", n) for n in args.seq_lens or [])):
+        if value < 1:
+            p.error(f"{name} {value}: must be >= 1")
+    return args
 
 
-def methods(layout: S2Layout, shape: AttentionShape, use_flex: bool):
-    """(name, fn, computes-the-S2-mask, has-backward) for every method available here."""
-    backends = ["triton", "torch"] if shape.device == "cuda" else ["torch"]
-    out = [("sdpa_causal", sdpa_causal, False, True)]
-    out += [(f"s2_{b}", s2_fn(layout, b), True, True) for b in backends]
-    if use_flex:
-        out.append(("flex_attention", flex_attention_fn(layout, shape.seq_len, shape.device), True,
-                    shape.device == "cuda"))
-    return out
+def _row(seq_len: int, name: str, timing: dict) -> str:
+    ms = lambda key: f"{timing[key] * 1e3:9.1f}" if key in timing else f"{'-':>9}"
+    ratio = lambda key: f"{timing[key]:10.2f}" if key in timing else f"{'-':>10}"
+    tf = timing.get("tflops_fwd_bwd", timing.get("tflops_fwd"))
+    return (f"{seq_len:>7} {name:<16} {ms('forward_s')} {ms('backward_s')} {ms('fwd_bwd_s')} "
+            f"{ratio('speedup_fwd_bwd_vs_sdpa')} {ratio('speedup_fwd_vs_sdpa')} {tf:8.3f}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    base = preset["shape"]
-    layout_kwargs = dict(preset["layout"]) | ({"vert_stride": args.vert_stride} if args.vert_stride else {})
-    layout = S2Layout(base.heads, base.kv_heads, **layout_kwargs)
-    report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
+    base, layout = preset["shape"], args.layout
+    reference = next(iter(method_table(layout, base)))
+    report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
                           "platform": platform.platform(), "threads": torch.get_num_threads(),
                           "device": device_name(base.device)},
-              "runs": []}
-    header = f"{'seq':>7} {'method':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'x sdpa f+b':>10} {'x sdpa fwd':>10} {'TFLOP/s':>8}"
-    print(header)
+              "reference": reference, "runs": []}
+    print(f"{'seq':>7} {'method':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'x ref f+b':>10} {'x ref fwd':>10} "
+          f"{'TFLOP/s':>8}   (ref: {reference})")
+    failed = False
     for seq_len in args.seq_lens or preset["seq_lens"]:
         shape = replace(base, seq_len=seq_len)
         flops_sparse, flops_dense = attention_flops(layout, shape), attention_flops(None, shape)
         print(f"# seq {seq_len}: density {layout.density(seq_len):.3f}, "
               f"{flops_dense[0] / flops_sparse[0]:.2f}x fewer forward FLOPs than dense causal")
-        results = {}
-        for name, fn, sparse, has_backward in methods(layout, shape, not args.no_flex):
-            timing = time_attention(fn, shape, args.repeats, backward=has_backward)
+        table = method_table(layout, shape)
+        results, errors = {}, {}
+        for name in args.methods:
+            make, sparse, has_backward = table[name]
+            try:
+                timing = time_attention(make(), shape, args.repeats, backward=has_backward)
+            except Exception as error:          # one method's failure (no kernel, OOM, compile) is a result
+                errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                print(f"{seq_len:>7} {name:<16} FAILED {errors[name]}")
+                if shape.device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             fwd_flops, bwd_flops = flops_sparse if sparse else flops_dense
             timing["tflops_fwd_bwd" if has_backward else "tflops_fwd"] = tflops(
                 fwd_flops + (bwd_flops if has_backward else 0), timing["fwd_bwd_s" if has_backward else "forward_s"])
             results[name] = timing
-        ref = results["sdpa_causal"]
         for name, timing in results.items():
-            timing["speedup_fwd_vs_sdpa"] = ref["forward_s"] / timing["forward_s"]
-            if "fwd_bwd_s" in timing:
-                timing["speedup_fwd_bwd_vs_sdpa"] = ref["fwd_bwd_s"] / timing["fwd_bwd_s"]
-            ms = lambda key: f"{timing[key] * 1e3:9.1f}" if key in timing else f"{'-':>9}"
-            ratio = lambda key: f"{timing[key]:10.2f}" if key in timing else f"{'-':>10}"
-            tf = timing.get("tflops_fwd_bwd", timing.get("tflops_fwd"))
-            print(f"{seq_len:>7} {name:<16} {ms('forward_s')} {ms('backward_s')} {ms('fwd_bwd_s')} "
-                  f"{ratio('speedup_fwd_bwd_vs_sdpa')} {ratio('speedup_fwd_vs_sdpa')} {tf:8.3f}")
-        report["runs"].append(describe(layout, shape) | {"results": results})
+            if reference in results:
+                ref = results[reference]
+                timing["speedup_fwd_vs_sdpa"] = ref["forward_s"] / timing["forward_s"]
+                if "fwd_bwd_s" in timing:
+                    timing["speedup_fwd_bwd_vs_sdpa"] = ref["fwd_bwd_s"] / timing["fwd_bwd_s"]
+            print(_row(seq_len, name, timing))
+        report["runs"].append(describe(layout, shape) | {"results": results, "errors": errors})
+        failed |= bool(errors)
     memory_seq = preset["memory_seq_len"] if args.memory_seq_len is None else args.memory_seq_len
     if memory_seq:
         backend = "triton" if base.device == "cuda" else "torch"
@@ -99,8 +141,11 @@ def main(argv=None) -> int:
     args.json.write_text(json.dumps(report, indent=2))
     print(f"# wrote {args.json}")
     if args.figure:
-        print(f"# wrote {plot_attention_benchmark(args.figure, report)}")
-    return 0
+        if all(run["results"] and run["results"].keys() == report["runs"][0]["results"].keys() for run in report["runs"]):
+            print(f"# wrote {plot_attention_benchmark(args.figure, report)}")
+        else:
+            print("# no figure: not every method ran at every length")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def test_pipeline_buffers_are_the_size_of_a_ranks_hidden_states(tp, cp, sequence
     local_tokens = split_batch_for_cp({"tokens": tokens}, cp, cp_rank=0)["tokens"]
     local_seq = local_tokens.shape[1] // (tp if sequence_parallel else 1)   # SP splits over TP too
     shapes = get_tensor_shapes(**schedule_shape(cfg), decoder_seq_length=None, config=config,
-                               tp_group=SimpleNamespace(size=lambda: tp), cp_group=SimpleNamespace(size=lambda: cp))
+                               tp_group=SimpleNamespace(size=lambda: tp),
+                               cp_group=SimpleNamespace(size=lambda: cp))
     assert shapes == [(local_seq, cfg.train.micro_batch_size, config.hidden_size)]
 
 
@@ -140,7 +141,8 @@ def test_two_ranks_on_one_gpu_equal_one_process(tmp_path, one_process, cp):
     another summation order allow 1e-3)."""
     failures = []
     for backend in ("cpu:gloo,cuda:nccl", "gloo"):
-        code, tail, result = _worker(tmp_path / f"{len(failures)}.json", backend, "gpu", cp, "fp32", False, nproc=2)
+        out = tmp_path / f"{len(failures)}.json"
+        code, tail, result = _worker(out, backend, "gpu", cp, "fp32", False, nproc=2)
         if code == 0:
             _close(result["gpu"], one_process, rel=1e-3)
             return

@@ -48,10 +48,11 @@ def test_bench_training_expresses_the_llama_shape_in_bf16_on_cuda():
     """The GPU check's call: the recipe's model shape and S2 pattern, bf16 on CUDA, MFU against the
     given peak; the FLOPs model predicts the hybrid faster. (No CUDA needed to parse and configure.)"""
     args, benches = _bench_training_script().parse(
-        ["--device", "cuda", "--seq-lengths", "32768", "--peak-tflops", "989.4", "--s2", "num_dense_heads=1",
+        ["--device", "cuda", "--seq-lengths", "32768", "--peak-tflops", "989.4", "--s2", "head_sharding=query",
          *LLAMA_1P3B_SHAPE])
     (bench,) = benches
-    assert (bench.seq_length, bench.peak_tflops, bench.s2.num_dense_heads, bench.s2.local_blocks) == (32768, 989.4, 1, 16)
+    assert (bench.seq_length, bench.peak_tflops) == (32768, 989.4)
+    assert (bench.s2.head_sharding, bench.s2.local_blocks, bench.s2.vert_stride) == ("query", 16, 16)
     config = bench.transformer_config(8)
     assert config.params_dtype == torch.bfloat16 and config.bf16 and not config.use_cpu_initialization
     assert (config.gated_linear_unit, config.ffn_hidden_size, config.num_query_groups) == (True, 5632, 8)

@@ -1,7 +1,7 @@
 """Loss curves of several training runs side by side and a table of their final losses.
 
     python scripts/compare_runs.py runs/quality_dense runs/quality_hybrid runs/quality_window \
-        --labels dense hybrid window --figure compare.png
+        --labels dense hybrid window --figure runs/compare_quality.png
 
 Each argument is a run directory (or its metrics.jsonl); the first run is the baseline of the
 relative column.
@@ -10,15 +10,19 @@ import argparse
 import json
 import os
 
-from megatron_s2.evaluation.compare import format_summary, read_metrics, summarize
-from megatron_s2.evaluation.plots import plot_loss_curves
+from megatron_s2.accelerators import quiet_fallback_notices
+
+quiet_fallback_notices()        # before Megatron is imported
+
+from megatron_s2.evaluation.compare import format_summary, read_metrics, summarize  # noqa: E402
+from megatron_s2.plots import plot_loss_curves  # noqa: E402
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files")
     p.add_argument("--labels", nargs="+", default=None, help="one per run (default: directory names)")
-    p.add_argument("--figure", default="compare_runs.png", help="PNG output path ('' for none)")
+    p.add_argument("--figure", default=os.path.join("runs", "compare_runs.png"), help="PNG output path ('' for none)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     a = p.parse_args(argv)
     if a.labels is not None and len(a.labels) != len(a.runs):
@@ -31,6 +35,7 @@ def main(argv=None) -> None:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     if a.figure:
+        os.makedirs(os.path.dirname(os.path.abspath(a.figure)), exist_ok=True)
         print(f"wrote {plot_loss_curves(a.figure, runs)}")
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from megatron_s2 import S2AttentionConfig
-from megatron_s2.evaluation.plots import head_coverage, plot_layout, plot_loss_curves, plot_speedups
+from megatron_s2.plots import head_coverage, plot_layout, plot_loss_curves, plot_speedups
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,9 +43,8 @@ def test_plot_layout_reports_densities_and_full_coverage(tmp_path):
 
 def test_plot_layout_shows_uncovered_blocks_of_homogeneous_heads(tmp_path):
     s2 = S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=4, homo_head=True)
-    with pytest.warns(UserWarning, match="do not cover"):
-        info = plot_layout(str(tmp_path / "homo.png"), s2=s2, num_heads=4, num_kv_heads=4, layout="SS",
-                           seq_length=256)
+    info = plot_layout(str(tmp_path / "homo.png"), s2=s2, num_heads=4, num_kv_heads=4, layout="SS",
+                       seq_length=256)
     n = 16
     covered = sum(1 for i in range(n) for j in range(i + 1) if i - j < 2 or j % 4 == 0)
     assert info["coverage"] == pytest.approx(covered / (n * (n + 1) / 2))

@@ -1,7 +1,7 @@
 """Evidence a user can look at: figures of the attention layout, training-speed sweeps, run
 comparisons and a long-range retrieval test.
 
-- ``plots``: every figure (layout, speed-ups, loss curves); needs matplotlib.
+- figures: ``megatron_s2.plots`` (the trainer draws the layout picture with it too).
 - ``compare``: read several runs' metrics.jsonl and tabulate final losses.
 - ``retrieval``: synthetic associative-recall documents and accuracy by distance for a model.
 - ``checkpoints``: rebuild a trained model from its run directory for evaluation.

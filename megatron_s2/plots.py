@@ -1,8 +1,9 @@
 """Every figure of the project, drawn with matplotlib's object API (no pyplot, no global state).
+The trainer draws the layout picture of each run with it; evaluation scripts draw the rest.
 
-- ``plot_layout``: the S2 block mask of each kv group's heads (a grid), the union over heads
-  (how many heads compute each block pair, and whether together they cover the whole causal
-  context), and the layer-by-layer S/D layout with each layer's density.
+- ``plot_layout``: the S2 block mask of each head with its own pattern (four per row), the union over
+  heads (how many heads compute each block pair, and whether together they cover the whole
+  causal context), and the layer-by-layer S/D layout with each layer's density.
 - ``plot_speedups``: measured vs FLOPs-predicted speed-up over the baseline layout by sequence
   length, and tokens/s per layout (from ``megatron_s2.benchmark.run_sweep``).
 - ``plot_attention_benchmark``: speed-up of each attention method over dense causal SDPA by
@@ -20,8 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from ..config import DENSE, S2AttentionConfig, check_layout
+from .config import DENSE, S2AttentionConfig, check_layout
 
 SPARSE_COLOR, DENSE_COLOR = "#4c72b0", "#dd8452"
 PALETTE = ["#555555", SPARSE_COLOR, "#55a868", "#c44e52", "#8172b2"]     # one colour per line
@@ -46,13 +48,22 @@ def layer_densities(layout: str, s2: S2AttentionConfig, num_heads: int, num_kv_h
     return [1.0 if kind == DENSE else sparse for kind in layout]
 
 
+def pattern_heads(s2: S2AttentionConfig, num_heads: int, num_kv_heads: int) -> tuple[list[int], str]:
+    """The query heads with a pattern of their own and what they stand for: every query head under
+    ``head_sharding="query"``; the first head of each kv group under ``"kv"`` (its group shares it)."""
+    layout = s2.to_layout(num_heads, num_kv_heads)
+    if s2.head_sharding == "query":
+        return list(range(num_heads)), "heads"
+    return [g * layout.group_size for g in range(num_kv_heads)], "kv groups"
+
+
 def head_coverage(s2: S2AttentionConfig, num_heads: int, num_kv_heads: int, num_blocks: int) -> torch.Tensor:
-    """int [num_blocks, num_blocks]: how many kv groups compute each block pair (0 above the
-    diagonal); one kv group stands for its query heads, which share its pattern."""
+    """int [num_blocks, num_blocks]: how many of ``pattern_heads`` compute each block pair (0 above
+    the diagonal)."""
     layout = s2.to_layout(num_heads, num_kv_heads)
     count = torch.zeros(num_blocks, num_blocks, dtype=torch.int32)
-    for g in range(num_kv_heads):       # one group at a time: memory stays one mask at long contexts
-        count += layout.block_mask(num_blocks, num_blocks, head_offset=g * layout.group_size, num_heads=1)[0]
+    for h in pattern_heads(s2, num_heads, num_kv_heads)[0]:     # one mask at a time: memory stays small
+        count += layout.block_mask(num_blocks, num_blocks, head_offset=h, num_heads=1)[0]
     return count
 
 
@@ -61,8 +72,11 @@ def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_head
                 dpi: int = 80) -> dict:
     """Draw the attention pattern of a hybrid model to ``path`` (PNG).
 
-    The per-head masks and the union show the first ``max_blocks`` blocks (the pattern repeats
-    further on); the coverage figure and the densities are computed at the full ``seq_length``.
+    Top: the block mask of each of ``pattern_heads`` (up to ``max_groups``, four per row) over the
+    first blocks that show the pattern whole (the local window and three strides, at least 16).
+    Bottom: how many kv groups compute each block pair over the first ``max_blocks`` blocks (red:
+    a causal pair no head computes), and each layer's density. Ticks are whole block and layer
+    numbers. The coverage and the densities are computed at the full ``seq_length``.
     Returns {"path", "densities", "coverage"}: coverage is the fraction of causal block pairs that
     at least one head of an S layer computes.
     """
@@ -79,34 +93,42 @@ def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_head
     shown = min(n, max_blocks)
     count = count_full[:shown, :shown].numpy()
     s2_layout = s2.to_layout(num_heads, num_kv_heads)
-    groups = list(range(min(num_kv_heads, max_groups)))
+    heads, unit = pattern_heads(s2, num_heads, num_kv_heads)
+    groups = heads[:max_groups]
+    mask_blocks = min(n, max_blocks, max(16, s2.local_blocks + 3 * s2.vert_stride))
+    per_row = min(4, len(groups))
+    rows = -(-len(groups) // per_row)
 
-    fig = Figure(figsize=(max(1.3 * len(groups), 9.0), 6.4), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.8])
+    fig = Figure(figsize=(10.0, 2.6 * rows + 4.4), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.6 * rows, 4.4])
     binary = ListedColormap(["#f2f2f2", SPARSE_COLOR])
-    for col, ax in enumerate(np.atleast_1d(top.subplots(1, len(groups)))):
-        g = groups[col]
-        mask = s2_layout.block_mask(shown, shown, head_offset=g * s2_layout.group_size, num_heads=1)[0]
+    axes = np.atleast_2d(top.subplots(rows, per_row, squeeze=False))
+    for k, ax in enumerate(axes.flat):
+        if k >= len(groups):
+            ax.set_axis_off()
+            continue
+        first = groups[k]
+        mask = s2_layout.block_mask(mask_blocks, mask_blocks, head_offset=first, num_heads=1)[0]
         ax.imshow(mask.numpy(), cmap=binary, interpolation="nearest", vmin=0, vmax=1)
-        first = g * s2_layout.group_size
-        heads = f"head {first}" if s2_layout.group_size == 1 else f"heads {first}-{first + s2_layout.group_size - 1}"
-        ax.set_title(heads + (" (dense)" if s2_layout.is_dense_kv_head(g) else ""), fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if col == 0:
-            ax.set_ylabel("query block", fontsize=8)
+        last = first if unit == "heads" else first + s2_layout.group_size - 1
+        name = f"head {first}" if last == first else f"heads {first}-{last}"
+        dense = s2_layout.is_dense_kv_head(first // s2_layout.group_size)
+        ax.set_title(name + (" (dense)" if dense else ""), fontsize=9)
+        _block_axes(ax, labels=k == 0)
+    top.suptitle(f"block mask of the first {len(groups)} of {len(heads)} {unit} (blocks 0-{mask_blocks - 1} "
+                 f"of {n})", fontsize=9)
 
     ax, bars = bottom.subplots(1, 2, width_ratios=[1, 1.2])
     # Above the diagonal is blank; a causal block that no head computes shows red.
     masked = np.ma.masked_where(~np.tri(shown, dtype=bool), count)
-    cmap = ListedColormap(_viridis(num_kv_heads)).with_extremes(under="#d62728", bad="white")
-    image = ax.imshow(masked, cmap=cmap, interpolation="nearest", vmin=0.5, vmax=num_kv_heads + 0.5)
-    bar = bottom.colorbar(image, ax=ax, ticks=range(1, num_kv_heads + 1), extend="min")
-    bar.set_label("kv groups computing the block (red: none)", fontsize=7)
+    cmap = ListedColormap(_viridis(len(heads))).with_extremes(under="#d62728", bad="white")
+    image = ax.imshow(masked, cmap=cmap, interpolation="nearest", vmin=0.5, vmax=len(heads) + 0.5)
+    bar = bottom.colorbar(image, ax=ax, extend="min")
+    bar.ax.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    bar.set_label(f"{unit} computing the block (red: none)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    ax.set_title(f"union over heads: {coverage:.0%} of causal blocks covered", fontsize=9)
-    ax.set_xlabel("key block", fontsize=8)
-    ax.set_ylabel("query block", fontsize=8)
+    ax.set_title(f"union over heads, first {shown} blocks: {coverage:.0%} of causal blocks covered", fontsize=9)
+    _block_axes(ax, labels=True)
 
     ax = bars
     colors = [DENSE_COLOR if kind == DENSE else SPARSE_COLOR for kind in layout]
@@ -114,6 +136,7 @@ def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_head
     ax.set_ylim(0, 1.15)
     ax.set_xlabel("layer", fontsize=8)
     ax.set_ylabel("fraction of causal blocks computed", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
     ax.set_title(f"layout {layout if len(layout) <= 16 else layout[:16] + '...'} "
                  f"(orange D, blue S); S density {min(densities):.2f}", fontsize=9)
     if len(layout) <= 16:
@@ -122,8 +145,18 @@ def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_head
     ax.tick_params(labelsize=7)
     fig.suptitle(title or (f"S2 pattern at seq {seq_length}: block {s2.block_size}, local "
                            f"{s2.local_blocks} blocks, stride {s2.vert_stride}; {num_heads} heads / "
-                           f"{num_kv_heads} kv groups (first {shown} blocks shown)"), fontsize=9)
+                           f"{num_kv_heads} kv groups"), fontsize=10)
     return {"path": _save(fig, path, dpi), "densities": densities, "coverage": coverage}
+
+
+def _block_axes(ax, labels: bool) -> None:
+    """Whole-number block ticks; axis names only where ``labels``."""
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.tick_params(labelsize=7)
+    if labels:
+        ax.set_xlabel("key block", fontsize=8)
+        ax.set_ylabel("query block", fontsize=8)
 
 
 def _length_axis(ax, lengths: list[int]) -> None:

@@ -10,9 +10,10 @@ window of the report is the run's S2 local window (attention.s2.local_blocks * b
 import argparse
 import json
 import os
-import warnings
 
-warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+from megatron_s2.accelerators import quiet_fallback_notices
+
+quiet_fallback_notices()        # before Megatron is imported
 
 from megatron_s2.evaluation.retrieval import RecallTask, evaluate_recall, format_recall, write_dataset  # noqa: E402
 

@@ -1,29 +1,20 @@
-"""Pretrain a hybrid S2/dense GPT model (Hydra app over recipes/).
+"""Pretrain a hybrid S2/dense GPT model (recipes/ with Hydra's override syntax).
 
     python scripts/pretrain.py                          # the embedded default: tiny recipe on CPU
-    python scripts/pretrain.py train.iters=50 attention.layout=DSDS
+    python scripts/pretrain.py --help                   # recipes and stable keys
+    torchrun --nproc_per_node=2 scripts/pretrain.py     # the same recipe, data parallel
     torchrun --nproc_per_node=8 scripts/pretrain.py --config-name=llama_1p3b_32k run.dir=/ckpt/run1
 
-Every output goes under run.dir (resolved config, metrics.jsonl, checkpoints, wandb files).
+Every output goes under run.dir (resolved config, metrics.jsonl, checkpoints, wandb files). A
+refused config prints one line and exits with status 2 (megatron_s2/training/cli.py).
 """
-import warnings
+import sys
 
-# Megatron-Core announces its pure-PyTorch fallbacks (no TransformerEngine/Apex, e.g. on CPU) at
-# import; they are expected here and would bury the first lines of the run.
-warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+from megatron_s2.accelerators import quiet_fallback_notices
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+quiet_fallback_notices()        # before Megatron is imported; the run states its accelerators once
 
-from megatron_s2.training import pretrain, register_configs, validate  # noqa: E402
-
-register_configs()
-
-
-@hydra.main(config_path="../recipes", config_name="tiny", version_base=None)
-def main(cfg: DictConfig) -> None:
-    pretrain(validate(cfg))
-
+from megatron_s2.training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,7 @@
-"""The pretraining config: recipes compose over the schema, and bad configs fail before any work,
-naming the field and its value."""
+"""The pretraining config: recipes compose over the schema, bad configs fail before any work as a
+ConfigError naming the key the user sets and its value, and the defaults that follow from the
+world size (global batch) or the run length (warmup) are filled in. (The command line's refusals,
+one line each: tests/test_cli.py.)"""
 import glob
 import os
 
@@ -8,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from megatron_s2.training.config import RECIPES_DIR, Device, Precision, compose_config, validate
+from megatron_s2.training.errors import ConfigError
 from megatron_s2.training.data import ByteTokenizer, prepare_dataset
 
 
@@ -70,36 +73,59 @@ def test_schema_rejects_typos_and_types(override, words):
         assert word in message, message
 
 
-@pytest.mark.parametrize("overrides, world_size, words", [
-    (["train.global_batch_size=12", "train.micro_batch_size=8"], 1, ["train.global_batch_size (12)", "(8)"]),
-    (["train.global_batch_size=8", "train.micro_batch_size=8"], 2, ["train.global_batch_size (8)", "data parallel size (2"]),
-    (["parallel.tp=2"], 3, ["world size (3)", "parallel.tp"]),
-    (["attention.layout=DSD"], 1, ["DSD", "num_layers is 4"]),
-    (["attention.layout=DSXS"], 1, ["DSXS", "'X'"]),
-    (["train.seq_length=100"], 1, ["seq_length (100)", "16"]),
-    (["parallel.tp=4", "model.num_query_groups=2"], 4, ["num_query_groups (2)", "(4)"]),
-    (["attention.s2.num_dense_heads=3"], 1, ["num_dense_heads (3)"]),
-    (["attention.s2.block_size=24"], 1, ["block_size", "24"]),
-    (["attention.s2.block_size=8"], 1, ["block_size", "8"]),
-    (["attention.s2.local_blocks=0"], 1, ["s2.local_blocks", "0"]),
-    (["attention.s2.vert_stride=0"], 1, ["s2.vert_stride", "0"]),
-    (["parallel.cp=2", "train.seq_length=96"], 2, ["seq_length (96)", "2 * context_parallel_size (2)", "64"]),
+@pytest.mark.parametrize("overrides, world_size, key, words", [
+    (["train.global_batch_size=12", "train.micro_batch_size=8"], 1, "train.global_batch_size=12", ["(8)", "null"]),
+    (["train.global_batch_size=8", "train.micro_batch_size=8"], 2, "train.global_batch_size=8", ["dp 2"]),
+    (["parallel.tp=2"], 3, "parallel.tp=2", ["world size (3)"]),
+    (["attention.layout=DSD"], 1, "attention.layout=DSD", ["model.num_layers is 4"]),
+    (["attention.layout=DSXS"], 1, "attention.layout=DSXS", ["'X'"]),
+    (["attention.layout=null", "attention.dense_layers=[7]"], 1, "attention.dense_layers=[7]", ["model.num_layers=4"]),
+    (["train.seq_length=100"], 1, "train.seq_length=100", ["attention.s2.block_size = 16"]),
+    (["parallel.tp=4", "model.num_query_groups=2"], 4, "model.num_query_groups=2", ["parallel.tp (4)"]),
+    (["attention.s2.num_dense_heads=3"], 1, "attention.s2.num_dense_heads=3", ["model.num_query_groups (2)"]),
+    (["attention.s2.block_size=24"], 1, "attention.s2.block_size=24", ["power of two"]),
+    (["attention.s2.block_size=8"], 1, "attention.s2.block_size=8", ["power of two"]),
+    (["attention.s2.local_blocks=0"], 1, "attention.s2.local_blocks=0", [">= 1"]),
+    (["attention.s2.vert_stride=0"], 1, "attention.s2.vert_stride=0", [">= 1"]),
+    (["parallel.cp=2", "train.seq_length=96"], 2, "train.seq_length=96", ["2 * parallel.cp (2)", "64"]),
     (["parallel.tp=8", "model.num_attention_heads=4", "model.num_query_groups=4"], 8,
-     ["num_attention_heads (4)", "tensor_model_parallel_size (8)"]),
-    (["train.max_consecutive_skips=0"], 1, ["train.max_consecutive_skips", "0"]),
-    (["parallel.distributed_timeout_minutes=0"], 1, ["parallel.distributed_timeout_minutes", "0"]),
-    (["debug.inject_nan_at_iters=[0]"], 1, ["debug.inject_nan_at_iters", "[0]"]),
-    (["parallel.pp=2"], 2, ["parallel.pp (2)", "cuda"]),
-    (["train.warmup_iters=300"], 1, ["train.warmup_iters (300)", "lr_decay_iters (300)"]),
-    (["train.precision=bf16", "train.device=cpu"], 1, ["train.precision (bf16)"]),
-    (["data.prefixes=[/nonexistent/corpus]"], 1, ["data.prefixes[0]", "/nonexistent/corpus.bin"]),
-    (["data.tokenizer=/nonexistent/tokenizer"], 1, ["data.tokenizer", "/nonexistent/tokenizer"]),
-    (["train.lr=1e-5", "train.min_lr=1e-4"], 1, ["train.lr (1e-05)", "train.min_lr (0.0001)"]),
-    (["data.loss_token_ids=[65,257]"], 1, ["data.loss_token_ids ([65, 257])", "[0, 257)"]),
-    (["data.loss_token_ids=[]"], 1, ["data.loss_token_ids ([])", "non-empty"]),
+     "model.num_attention_heads=4", ["parallel.tp (8)"]),
+    (["train.max_consecutive_skips=0"], 1, "train.max_consecutive_skips=0", [">= 1"]),
+    (["parallel.distributed_timeout_minutes=0"], 1, "parallel.distributed_timeout_minutes=0.0", ["> 0"]),
+    (["debug.inject_nan_at_iters=[0]"], 1, "debug.inject_nan_at_iters=[0]", [">= 1"]),
+    (["parallel.pp=2"], 2, "parallel.pp=2", ["cuda"]),
+    (["train.precision=bf16", "train.device=cpu"], 1, "train.precision=bf16", ["fp32"]),
+    (["data.prefixes=[/nonexistent/corpus]"], 1, "data.prefixes[0]=/nonexistent/corpus", ["corpus.bin does not exist"]),
+    (["data.tokenizer=/nonexistent/tokenizer"], 1, "data.tokenizer=/nonexistent/tokenizer", ["'byte'"]),
+    (["train.lr=1e-5", "train.min_lr=1e-4"], 1, "train.lr=1e-05", ["train.min_lr (0.0001)"]),
+    (["data.loss_token_ids=[65,257]"], 1, "data.loss_token_ids=[65,257]", ["[0, 257)"]),
+    (["data.loss_token_ids=[]"], 1, "data.loss_token_ids=[]", ["non-empty"]),
 ])
-def test_validate_names_field_and_value(overrides, world_size, words):
-    with pytest.raises(ValueError) as info:
+def test_validate_names_key_and_value(overrides, world_size, key, words):
+    """A refusal is a ConfigError on the key the user sets (not the model side's argument name)."""
+    with pytest.raises(ConfigError) as info:
         validate(compose_config(overrides), world_size=world_size)
+    message = str(info.value)
+    assert message.startswith(key + ": "), message
+    assert "\n" not in message, message
     for word in words:
-        assert word in str(info.value), str(info.value)
+        assert word in message, message
+
+
+def test_global_batch_follows_micro_batch_and_dp():
+    """Unset (null) global batch = micro_batch_size x dp, Megatron's default; the tiny recipe
+    leaves it unset, so it runs unchanged on 1, 2 or 4 processes."""
+    for world_size, parallel, dp in ((1, [], 1), (2, [], 2), (4, [], 4), (2, ["parallel.tp=2"], 1),
+                                     (4, ["parallel.cp=2"], 2)):
+        cfg = validate(compose_config(parallel), world_size=world_size)
+        assert cfg.train.global_batch_size == cfg.train.micro_batch_size * dp, (world_size, parallel)
+    assert validate(compose_config(["train.global_batch_size=32"]), world_size=2).train.global_batch_size == 32
+
+
+def test_short_run_clamps_warmup_with_a_note():
+    notes = []
+    cfg = validate(compose_config(["train.iters=20"]), world_size=1, note=notes.append)
+    assert (cfg.train.warmup_iters, cfg.train.lr_decay_iters) == (2, 20)
+    assert len(notes) == 1 and notes[0].startswith("train.warmup_iters=20 does not fit"), notes
+    cfg = validate(compose_config(["train.iters=200"]), world_size=1, note=notes.append)
+    assert cfg.train.warmup_iters == 20 and len(notes) == 1

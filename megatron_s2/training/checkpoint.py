@@ -28,6 +28,8 @@ from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 
+from .errors import ConfigError, show_value
+
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 META_FILE = "run.json"
 
@@ -78,12 +80,15 @@ def read_meta(path: str) -> dict:
 
 
 def check_compatible(saved: dict, current: dict, path: str) -> None:
-    """Refuse to resume a run whose layout, S2 config or model shape differs from the checkpoint."""
+    """Refuse to resume a run whose layout, S2 config or model shape differs from the checkpoint:
+    a ConfigError on the first key that differs (attention.layout, attention.s2.*, model.*)."""
     for key, what in (("layout", "attention.layout"), ("s2", "attention.s2"), ("model", "model")):
-        if saved[key] != current[key]:
-            raise ValueError(f"checkpoint {path} was saved with {what}={saved[key]}, but this run has "
-                             f"{what}={current[key]}; use a new checkpoint.dir (or run.dir) to start "
-                             "a different model")
+        pairs = ([(f"{what}.{name}", saved[key].get(name), value) for name, value in current[key].items()]
+                 if isinstance(current[key], dict) else [(what, saved[key], current[key])])
+        for name, was, now in pairs:
+            if was != now:
+                raise ConfigError(name, now, f"{path} was saved with {name}={show_value(was)}; a different "
+                                             "model needs its own run.dir (or checkpoint.dir)")
 
 
 def save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: dict, meta: dict,

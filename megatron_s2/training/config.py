@@ -1,20 +1,26 @@
 """The pretraining config: one dataclass per component, registered in Hydra's ConfigStore.
 
 Hydra composes a recipe from ``recipes/`` over these schemas, so typos and wrong types fail at
-composition, naming the key (``full_key: model.nmu_layers``). ``validate`` then checks every
-combination once, before any process group or model exists, and returns the typed config.
+composition (``megatron_s2.training.cli`` turns them into one line naming the key).
+``validate`` then checks every combination once, before any process group or model exists, and
+returns the typed config.
 
-Stable keys (others rely on them): model.*, attention.layout, attention.s2.*, parallel.tp/cp/pp,
-train.iters, train.seq_length, train.micro_batch_size, train.global_batch_size, run.dir,
-checkpoint.dir, checkpoint.interval, logging.interval, logging.wandb.mode.
+Stable keys (others rely on them): ``STABLE_KEYS``. ``schema_keys()`` lists every key with the
+first paragraph of its docstring (``scripts/pretrain.py --help``, "did you mean" for typos).
+A refusal is a ``ConfigError`` naming the key the user sets and its value.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
+import inspect
 import os
+import re
+import textwrap
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -23,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
 
 from .data import check_indexed_dataset, load_tokenizer
+from .errors import ConfigError
 
 
 # The S2 pattern's schema is S2AttentionConfig's own fields, unfrozen so that recipes and
@@ -133,14 +140,18 @@ class TrainConfig:
     """Tokens per sample."""
     micro_batch_size: int = 4
     """Samples per forward/backward on one data-parallel rank."""
-    global_batch_size: int = 8
-    """Samples per optimizer step = micro_batch_size * dp * accumulation steps."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step = micro_batch_size x dp x accumulation steps. null (Megatron's
+    default): micro_batch_size x dp, so a recipe runs unchanged on any number of processes; an
+    explicit value must be a multiple of micro_batch_size x dp."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
     """Learning rate at the end of the decay."""
     warmup_iters: int = 20
-    """Linear warmup steps from 0 to lr."""
+    """Linear warmup steps from 0 to lr. When it does not fit before lr_decay_iters (a short run
+    such as train.iters=20) it is clamped to lr_decay_iters // 10 with a note, as torchtitan clamps
+    its warmup (Megatron refuses); set it explicitly to choose."""
     lr_decay_iters: Optional[int] = None
     """Steps over which lr decays to min_lr; None means train.iters."""
     lr_decay_style: LrDecayStyle = LrDecayStyle.cosine
@@ -148,8 +159,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to norms and biases)."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.95
+    """AdamW beta2."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     eval_interval: int = 100
@@ -224,8 +238,11 @@ class WandbConfig:
     """Weights & Biases; never prompts, never blocks on the network in offline mode."""
 
     mode: WandbMode = WandbMode.auto
+    """auto (online when an API key is configured, else offline), online, offline or disabled."""
     project: str = "megatron-s2"
+    """wandb project."""
     entity: Optional[str] = None
+    """wandb entity (team); null: your default."""
 
 
 @dataclass
@@ -289,115 +306,217 @@ def compose_config(overrides: list[str] = (), recipe: str = "tiny",
         return compose(config_name=recipe, overrides=list(overrides))
 
 
-def _require(ok: bool, message: str) -> None:
+# -- keys and their docs (for --help and "did you mean") -----------------------------------------
+
+STABLE_KEYS = ("model.*", "attention.layout", "attention.s2.*", "parallel.tp", "parallel.cp", "parallel.pp",
+               "train.iters", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
+               "run.dir", "checkpoint.dir", "checkpoint.interval", "logging.interval", "logging.wandb.mode")
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """First line of each field's docstring (the string literal under the field) in ``cls``'s source."""
+    source = S2AttentionConfig if cls is S2Schema else cls
+    tree = ast.parse(textwrap.dedent(inspect.getsource(source)))
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split("\n\n")[0].split())
+    return docs
+
+
+def schema_keys(cls=PretrainConfig, prefix: str = "") -> dict[str, str]:
+    """Every dotted key of the schema (leaves only) -> the first paragraph of its docstring."""
+    keys, docs = {}, _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if nested is not None and dataclasses.is_dataclass(nested):
+            keys.update(schema_keys(nested, key + "."))
+        else:
+            keys[key] = docs.get(f.name, "")
+    return keys
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+def _require(ok: bool, key: str, value, reason: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(key, value, reason)
 
 
-def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None) -> PretrainConfig:
+def _lookup(cfg, key: str):
+    """The value at a dotted key, e.g. data.prefixes[1]."""
+    value = cfg
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        value = getattr(value, name)
+        if index:
+            value = value[int(index.rstrip("]"))]
+    return value
+
+
+# The model side (megatron_s2.config) and the data checks name their arguments; users set keys.
+_ARGUMENT_KEYS = {"tensor_model_parallel_size": "parallel.tp", "context_parallel_size": "parallel.cp",
+                  "num_attention_heads": "model.num_attention_heads", "num_query_groups": "model.num_query_groups",
+                  "num_layers": "model.num_layers", "seq_length": "train.seq_length", "s2": "attention.s2",
+                  "layout": "attention.layout", "dense_every": "attention.dense_every",
+                  "dense_layers": "attention.dense_layers"}
+_ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(_ARGUMENT_KEYS) + r")(?!\w)")
+_NAMED = re.compile(r"(?P<key>[a-z_]+\.[\w.]+) \(")
+_SUBJECT = re.compile(r"^(?P<key>[\w.]+(?:\[\d+\])?)(?: \([^)]*\)| '[^']*'| \[[^\]]*\])?:? (?P<reason>.+)$", re.S)
+
+
+@contextlib.contextmanager
+def _refusals_of(cfg, key: str):
+    """Turn a lower layer's ValueError into a ConfigError: its inner names become the keys the user
+    sets (num_attention_heads -> model.num_attention_heads), and a message that starts with a key
+    ("s2.block_size must be ...") is refused on that key; otherwise on ``key``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        message = _ARGUMENT.sub(lambda m: _ARGUMENT_KEYS[m.group(1)], " ".join(str(e).split()))
+        match = _SUBJECT.match(message)
+        if match and _is_key(cfg, match["key"]):
+            raise ConfigError(match["key"], _lookup(cfg, match["key"]), match["reason"]) from e
+        # No key leads the message: refuse on the first key it gives a value of, "key (value)".
+        named = next((m["key"] for m in _NAMED.finditer(message) if _is_key(cfg, m["key"])), key)
+        raise ConfigError(named, _lookup(cfg, named), message) from e
+
+
+def _is_key(cfg, key: str) -> bool:
+    try:
+        _lookup(cfg, key)
+        return "." in key
+    except (AttributeError, IndexError):
+        return False
+
+
+def _print_note(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {text}", flush=True)
+
+
+def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
+             note: Callable[[str], None] = _print_note) -> PretrainConfig:
     """Check every combination once and return the typed config with derived fields filled in:
-    attention.layout (resolved S/D string), train.device / train.precision (never auto),
-    train.lr_decay_iters, run.dir and data.cache_dir (absolute). ValueError names field and value.
+    attention.layout (resolved S/D string), train.global_batch_size (micro x dp when null),
+    train.warmup_iters (clamped when it does not fit), train.device / train.precision (never auto),
+    train.lr_decay_iters, run.dir and data.cache_dir (absolute). A refusal raises ConfigError
+    (a ValueError) naming the key and its value; an adjusted value is reported through ``note``
+    (default: one ``note:`` line on stdout from rank 0).
 
     world_size defaults to $WORLD_SIZE (torchrun) or 1.
     """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
-    cfg.attention.s2 = S2AttentionConfig(**dataclasses.asdict(cfg.attention.s2))   # its own checks
+    with _refusals_of(cfg, "attention.s2"):
+        cfg.attention.s2 = S2AttentionConfig(**dataclasses.asdict(cfg.attention.s2))   # its own checks
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     m, a, p, t, d = cfg.model, cfg.attention, cfg.parallel, cfg.train, cfg.data
 
-    positive = {"model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
-                "model.num_attention_heads": m.num_attention_heads, "parallel.tp": p.tp,
-                "parallel.cp": p.cp, "parallel.pp": p.pp, "train.iters": t.iters,
-                "train.seq_length": t.seq_length, "train.micro_batch_size": t.micro_batch_size,
-                "train.global_batch_size": t.global_batch_size, "logging.interval": cfg.logging.interval,
-                "checkpoint.keep_last": cfg.checkpoint.keep_last,
-                "train.max_consecutive_skips": t.max_consecutive_skips,
-                "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by}
-    for name, value in positive.items():
-        _require(value >= 1, f"{name} must be >= 1, got {value}")
-    for name, value in {"train.warmup_iters": t.warmup_iters, "train.eval_interval": t.eval_interval,
-                        "train.eval_iters": t.eval_iters, "checkpoint.interval": cfg.checkpoint.interval,
-                        "train.clip_grad": t.clip_grad, "train.weight_decay": t.weight_decay,
-                        "train.min_lr": t.min_lr}.items():
-        _require(value >= 0, f"{name} must be >= 0, got {value}")
-    _require(all(i >= 1 for i in cfg.debug.inject_nan_at_iters),
-             f"debug.inject_nan_at_iters must hold optimizer steps >= 1, got {cfg.debug.inject_nan_at_iters}")
-    _require(p.distributed_timeout_minutes > 0,
-             f"parallel.distributed_timeout_minutes must be > 0, got {p.distributed_timeout_minutes}")
-    _require(t.lr >= t.min_lr, f"train.lr ({t.lr}) must be >= train.min_lr ({t.min_lr})")
+    at_least_one = ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "parallel.tp",
+                    "parallel.cp", "parallel.pp", "train.iters", "train.seq_length", "train.micro_batch_size",
+                    "logging.interval", "checkpoint.keep_last", "train.max_consecutive_skips",
+                    "model.make_vocab_size_divisible_by")
+    for key in at_least_one + (("train.global_batch_size",) if t.global_batch_size is not None else ()):
+        _require(_lookup(cfg, key) >= 1, key, _lookup(cfg, key), "must be >= 1")
+    for key in ("train.warmup_iters", "train.eval_interval", "train.eval_iters", "checkpoint.interval",
+                "train.clip_grad", "train.weight_decay", "train.min_lr"):
+        _require(_lookup(cfg, key) >= 0, key, _lookup(cfg, key), "must be >= 0")
+    _require(all(i >= 1 for i in cfg.debug.inject_nan_at_iters), "debug.inject_nan_at_iters",
+             cfg.debug.inject_nan_at_iters, "must hold optimizer steps >= 1")
+    _require(p.distributed_timeout_minutes > 0, "parallel.distributed_timeout_minutes",
+             p.distributed_timeout_minutes, "must be > 0")
+    _require(t.lr >= t.min_lr, "train.lr", t.lr, f"must be >= train.min_lr ({t.min_lr})")
     if m.num_query_groups is None:
         m.num_query_groups = m.num_attention_heads
-    _require(m.hidden_size % m.num_attention_heads == 0,
-             f"model.hidden_size ({m.hidden_size}) must be a multiple of model.num_attention_heads "
-             f"({m.num_attention_heads})")
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
+             f"must be a multiple of model.num_attention_heads ({m.num_attention_heads})")
 
     # Parallel layout and batch arithmetic.
     model_parallel = p.tp * p.cp * p.pp
-    _require(world_size % model_parallel == 0,
-             f"world size ({world_size}) must be a multiple of parallel.tp * parallel.cp * parallel.pp "
-             f"({p.tp} * {p.cp} * {p.pp} = {model_parallel})")
+    key = next(k for k in ("parallel.tp", "parallel.cp", "parallel.pp") if _lookup(cfg, k) > 1) \
+        if model_parallel > 1 else "parallel.tp"
+    _require(world_size % model_parallel == 0, key, _lookup(cfg, key),
+             f"the world size ({world_size}) must be a multiple of parallel.tp * parallel.cp * "
+             f"parallel.pp ({p.tp} * {p.cp} * {p.pp} = {model_parallel}); launch a multiple of "
+             f"{model_parallel} processes or change the parallel sizes")
     dp = world_size // model_parallel
-    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
-             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-             f"train.micro_batch_size ({t.micro_batch_size}) * data parallel size ({dp} = world size "
-             f"{world_size} / (tp*cp*pp))")
-    _require(p.pp == 1 or m.num_layers % p.pp == 0,
-             f"model.num_layers ({m.num_layers}) must be a multiple of parallel.pp ({p.pp})")
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+             t.global_batch_size,
+             f"must be a multiple of train.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+             f"(dp {dp} = world size {world_size} / tp*cp*pp {model_parallel}); or set it to null for "
+             f"micro_batch_size x dp = {t.micro_batch_size * dp}")
+    _require(p.pp == 1 or m.num_layers % p.pp == 0, "parallel.pp", p.pp,
+             f"model.num_layers ({m.num_layers}) must be a multiple of it")
 
     # Device and precision.
     if t.device == Device.auto:
         t.device = Device.cuda if torch.cuda.is_available() else Device.cpu
-    _require(t.device != Device.cuda or torch.cuda.is_available(),
-             "train.device is cuda but torch sees no CUDA device")
+    _require(t.device != Device.cuda or torch.cuda.is_available(), "train.device", t.device,
+             "torch sees no CUDA device; use train.device=auto or cpu")
     if t.precision == Precision.auto:
         t.precision = Precision.bf16 if t.device == Device.cuda else Precision.fp32
     if t.device == Device.cpu:
-        _require(t.precision == Precision.fp32,
-                 f"train.precision ({t.precision.value}) must be fp32 on the cpu path")
-        _require(p.pp == 1, f"parallel.pp ({p.pp}) > 1 needs the cuda path (Megatron's pipeline "
-                            "schedules); the cpu path supports tp, cp and dp")
-        _require(not p.sequence_parallel, "parallel.sequence_parallel needs the cuda path")
-    _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+        _require(t.precision == Precision.fp32, "train.precision", t.precision,
+                 "the cpu path trains in fp32; use train.precision=fp32 (or auto)")
+        _require(p.pp == 1, "parallel.pp", p.pp, "pipeline parallelism needs the cuda path (Megatron's "
+                                                 "pipeline schedules); the cpu path supports tp, cp and dp")
+        _require(not p.sequence_parallel, "parallel.sequence_parallel", True, "needs the cuda path")
+    _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
 
-    # Schedule.
+    # Schedule: a warmup that does not fit (a short run from the command line) is clamped.
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.iters
-    _require(t.warmup_iters < t.lr_decay_iters,
-             f"train.warmup_iters ({t.warmup_iters}) must be < train.lr_decay_iters ({t.lr_decay_iters})")
+    _require(t.lr_decay_iters >= 1, "train.lr_decay_iters", t.lr_decay_iters, "must be >= 1")
+    if t.warmup_iters >= t.lr_decay_iters:
+        clamped = t.lr_decay_iters // 10
+        note(f"train.warmup_iters={t.warmup_iters} does not fit before train.lr_decay_iters="
+             f"{t.lr_decay_iters}: warming up over {clamped} steps (10%) instead; set train.warmup_iters "
+             "to choose")
+        t.warmup_iters = clamped
 
     # The hybrid model: layout and every model/parallel check that needs no process group.
-    a.layout = resolve_hybrid_layout(m.num_layers, layout=a.layout, dense_every=a.dense_every,
-                                     dense_layers=a.dense_layers)
-    validate_hybrid_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-                          num_query_groups=m.num_query_groups, tensor_model_parallel_size=p.tp,
-                          seq_length=t.seq_length, s2=a.s2, layout=a.layout,
-                          context_parallel_size=p.cp)
+    shorthand = next((k for k in ("attention.dense_every", "attention.dense_layers")
+                      if _lookup(cfg, k) is not None), "attention.layout")
+    with _refusals_of(cfg, shorthand):
+        a.layout = resolve_hybrid_layout(m.num_layers, layout=a.layout, dense_every=a.dense_every,
+                                         dense_layers=a.dense_layers)
+    with _refusals_of(cfg, "attention.s2"):
+        validate_hybrid_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                              num_query_groups=m.num_query_groups, tensor_model_parallel_size=p.tp,
+                              seq_length=t.seq_length, s2=a.s2, layout=a.layout,
+                              context_parallel_size=p.cp)
 
     # Data.
-    _require(d.weights is None or len(d.weights) == len(d.prefixes),
-             f"data.weights ({d.weights}) must have one weight per data.prefixes entry "
-             f"({len(d.prefixes)})")
-    _require(not d.valid_prefixes or d.prefixes,
-             "data.valid_prefixes needs data.prefixes (training data) too")
+    _require(d.weights is None or len(d.weights) == len(d.prefixes), "data.weights", d.weights,
+             f"needs one weight per data.prefixes entry ({len(d.prefixes)})")
+    _require(not d.valid_prefixes or d.prefixes, "data.valid_prefixes", d.valid_prefixes,
+             "needs data.prefixes (the training data) too")
     for key, prefixes in (("data.prefixes", d.prefixes), ("data.valid_prefixes", d.valid_prefixes)):
         for i, prefix in enumerate(prefixes):
-            check_indexed_dataset(prefix, f"{key}[{i}]")
-    _require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer),
-             f"data.tokenizer ({d.tokenizer!r}) must be 'byte' or a local tokenizer directory")
+            with _refusals_of(cfg, f"{key}[{i}]"):
+                check_indexed_dataset(prefix, f"{key}[{i}]")
+    _require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer), "data.tokenizer", d.tokenizer,
+             "must be 'byte' or a local Hugging Face tokenizer directory")
     if d.loss_token_ids is not None:
         vocab_size = load_tokenizer(d.tokenizer).vocab_size
         _require(len(d.loss_token_ids) > 0 and all(0 <= i < vocab_size for i in d.loss_token_ids),
-                 f"data.loss_token_ids ({d.loss_token_ids}) must be None or a non-empty list of ids "
-                 f"in [0, {vocab_size}) (data.tokenizer {d.tokenizer!r})")
+                 "data.loss_token_ids", d.loss_token_ids,
+                 f"must be null or a non-empty list of token ids in [0, {vocab_size}) (data.tokenizer "
+                 f"{d.tokenizer})")
     d.cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir))
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.checkpoint.dir is not None:
         cfg.checkpoint.dir = os.path.abspath(cfg.checkpoint.dir)
     _require(cfg.logging.peak_tflops_per_device is None or cfg.logging.peak_tflops_per_device > 0,
-             f"logging.peak_tflops_per_device must be > 0, got {cfg.logging.peak_tflops_per_device}")
+             "logging.peak_tflops_per_device", cfg.logging.peak_tflops_per_device, "must be > 0 or null")
     return cfg
 
 

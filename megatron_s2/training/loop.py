@@ -2,15 +2,18 @@
 
 ``pretrain(cfg)`` takes a config that ``validate`` returned and runs to ``train.iters``. Data
 position, iteration, optimizer, scheduler and RNG come back from the newest complete checkpoint,
-so a resumed run continues exactly where the saved one was. SIGTERM (e.g. from torchrun or SLURM)
-finishes the current step, saves, and returns.
+so a resumed run continues exactly where the saved one was; a run whose checkpoint already reached
+train.iters says so and does nothing.
 
-Before any process group exists, run.dir and the checkpoint directory are probed for writing, and
-a run with checkpoint.resume=false refuses a checkpoint directory that already holds checkpoints
-(it would interleave its saves with another run's). A NaN/Inf loss or gradient norm on any rank is
-agreed on by all ranks before the optimizer step and handled by train.on_non_finite. Collectives
-time out after parallel.distributed_timeout_minutes, so a dead rank fails the job instead of
-hanging it.
+Before any process group or output exists, ``preflight`` refuses (ConfigError, nothing created):
+an output directory that cannot be written, a fresh run (checkpoint.resume=false) over another
+run's checkpoints, and a resume with another layout, S2 config or model than the checkpoint's.
+Until the first step SIGTERM keeps its default action, so a launch stuck before training (data
+preparation, a hung collective) ends at once; from the first step on, SIGTERM (torchrun, SLURM)
+finishes the current step, saves, and returns. Ctrl-C raises RunInterrupted, which says where the
+run stopped. A NaN/Inf loss or gradient norm on any rank is agreed on by all ranks before the
+optimizer step and handled by train.on_non_finite. Collectives time out after
+parallel.distributed_timeout_minutes, so a dead rank fails the job instead of hanging it.
 """
 from __future__ import annotations
 
@@ -32,33 +35,49 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
 from megatron_s2 import build_gpt_model, training_flops_per_token
+from megatron_s2.accelerators import describe as describe_accelerators
 from megatron_s2.context_parallel import cp_exchange_report, split_batch_for_cp
 
 from . import checkpoint as ckpt
 from .config import Device, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
 from .data import build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start
 from .engine import CpuEngine, GpuEngine
-from .metrics import MetricsLogger
+from .errors import ConfigError, RunInterrupted
+from .metrics import MetricsLogger, say
 
 
-def check_outputs(cfg: PretrainConfig) -> None:
-    """Before any process group or model: run.dir and the checkpoint directory are writable
-    (every rank probes, as every rank writes checkpoint shards), and a fresh run
-    (checkpoint.resume=false) does not write over another run's checkpoints."""
-    for key, path in (("run.dir", cfg.run.dir), ("checkpoint.dir", cfg.checkpoint_dir)):
-        probe = os.path.join(path, f".write_probe_{os.uname().nodename}_{os.getpid()}")
-        try:
-            os.makedirs(path, exist_ok=True)
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"{key} ({path!r}) is not writable: {e}") from e
+def _check_writable(key: str, path: str) -> None:
+    """The nearest existing directory on the way to ``path`` is writable (nothing is created)."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _refuse(os.path.isdir(existing), key, path, f"{existing} is not a directory")
+    _refuse(os.access(existing, os.W_OK | os.X_OK), key, path, f"{existing} is not writable")
+
+
+def _refuse(ok: bool, key: str, value, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, reason)
+
+
+def preflight(cfg: PretrainConfig, world_size: int) -> tuple[str, int] | None:
+    """Every refusal that reads the disk, before any process group, model or output exists (every
+    rank checks; nothing is created): run.dir and the checkpoint directory can be written; a fresh
+    run (checkpoint.resume=false) does not write over another run's checkpoints; a resumed run has
+    the checkpoint's layout, S2 config and model. Returns (path, iteration) of the checkpoint to
+    resume from, or None."""
+    _check_writable("run.dir", cfg.run.dir)
+    _check_writable("checkpoint.dir" if cfg.checkpoint.dir else "run.dir", cfg.checkpoint_dir)
     existing = ckpt.complete_checkpoints(cfg.checkpoint_dir)
-    if existing and not cfg.checkpoint.resume:
-        raise ValueError(f"checkpoint.resume is false but checkpoint.dir ({cfg.checkpoint_dir!r}) holds "
-                         f"checkpoints (newest {existing[-1][1]}); use a new run.dir or checkpoint.dir, "
-                         "or delete them")
+    if not existing:
+        return None
+    iteration, path = existing[-1]
+    _refuse(cfg.checkpoint.resume, "checkpoint.resume", False,
+            f"{cfg.checkpoint_dir} holds checkpoints (newest {os.path.basename(path)}); use a new run.dir "
+            "or checkpoint.dir, or delete them")
+    vocab_size = padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)
+    ckpt.check_compatible(ckpt.read_meta(path), run_meta(cfg, world_size, vocab_size), path)
+    return path, iteration
 
 
 def init_distributed(cfg: PretrainConfig) -> torch.device:
@@ -105,7 +124,8 @@ def transformer_config(cfg: PretrainConfig) -> TransformerConfig:
         tensor_model_parallel_size=p.tp, context_parallel_size=p.cp,
         pipeline_model_parallel_size=p.pp, sequence_parallel=p.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
-        use_cpu_initialization=t.device == Device.cpu)
+        use_cpu_initialization=t.device == Device.cpu,
+        cuda_graph_scope=[])    # the whole layer; Megatron's default, "full", warns that it is deprecated
 
 
 def padded_vocab_size(vocab_size: int, cfg: PretrainConfig) -> int:
@@ -145,19 +165,39 @@ class _SigtermFlag:
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns {"iteration", "loss", "val_loss", "checkpoint", "stopped_by_sigterm",
-    "skipped_steps"} (skipped in this launch)."""
-    check_outputs(cfg)
+    "skipped_steps"} (skipped in this launch; "complete": True when the checkpoint had already
+    reached train.iters and nothing was done).
+
+    Raises ConfigError (refused before anything is created, see ``preflight``) and RunInterrupted
+    (Ctrl-C, saying where the run stopped). Until the first step SIGTERM keeps its default action
+    (the process ends at once: nothing to save yet, even inside a hung dataset build)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resume = preflight(cfg, world_size)
+    if resume is not None and resume[1] >= cfg.train.iters:
+        say(f"run.dir {cfg.run.dir} is complete: its checkpoint {os.path.basename(resume[0])} is at "
+            f"train.iters={cfg.train.iters}, nothing to do. To train further raise train.iters (e.g. "
+            f"train.iters={2 * resume[1]}); for a new run use a new run.dir")
+        return {"iteration": resume[1], "loss": None, "val_loss": None, "checkpoint": resume[0],
+                "stopped_by_sigterm": False, "skipped_steps": 0, "complete": True}
+    p = cfg.parallel
+    say(f"{cfg.run.name}: {'resuming from ' + os.path.basename(resume[0]) if resume else 'starting'} in "
+        f"{cfg.run.dir} | world {world_size} = dp {world_size // (p.tp * p.cp * p.pp)} x tp {p.tp} x cp "
+        f"{p.cp} x pp {p.pp} | preparing data and model ...")
+    say(describe_accelerators(cfg.train.device == Device.cuda))
     device = init_distributed(cfg)
-    sigterm = _SigtermFlag()
     try:
-        return _train(cfg, device, sigterm)
+        return _train(cfg, device)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted("interrupted before the first step (nothing saved by this launch); rerun "
+                             "the same command to " + ("resume from " + resume[0] if resume else "start")) from None
     finally:
-        sigterm.restore()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
-def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> dict:
+def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     t = cfg.train
     rank, world_size = dist.get_rank(), dist.get_world_size()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -201,19 +241,17 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
     meta = run_meta(cfg, world_size, vocab_size)
     iteration = consumed = 0
     path = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
-    if path is not None:
+    if path is not None:       # preflight() checked that it matches this model
         saved = ckpt.read_meta(path)
-        ckpt.check_compatible(saved, meta, path)
         state = _load(path, engine, scheduler, same_world=saved["world_size"] == world_size)
         iteration, consumed = state["progress"]["iteration"], state["progress"]["consumed_samples"]
 
     log = MetricsLogger(cfg, enabled=rank == 0, flops=flops, world_size=world_size,
                         start_iteration=iteration)
     log.message(f"{'resumed from ' + path if path else 'starting'} at iteration {iteration} | layout "
-                f"{cfg.attention.layout} | world {world_size} = dp {dp_size} x tp {cfg.parallel.tp} x "
-                f"cp {cfg.parallel.cp} x pp {cfg.parallel.pp} | accumulation {accumulation} | "
-                f"{flops.sparse / 1e9:.3f} GFLOP/token (dense-equivalent {flops.dense_equivalent / 1e9:.3f}) "
-                f"| run.dir {cfg.run.dir}")
+                f"{cfg.attention.layout} | global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
+                f"dp {dp_size} x accumulation {accumulation} | {flops.sparse / 1e9:.3f} GFLOP/token "
+                f"(dense-equivalent {flops.dense_equivalent / 1e9:.3f})")
     if cfg.parallel.cp > 1:
         log.message(cp_exchange_report(config, cfg.attention.s2, cfg.attention.layout, t.seq_length,
                                        t.micro_batch_size, parallel_state.get_context_parallel_rank(),
@@ -242,6 +280,8 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
     saved_at = iteration if path else None
     stopped = False
     skipped = skipped_in_a_row = 0
+    first_iteration, started = iteration, time.time()
+    sigterm = _SigtermFlag()
     try:
         while iteration < t.iters:
             start = time.time()
@@ -282,8 +322,15 @@ def _train(cfg: PretrainConfig, device: torch.device, sigterm: _SigtermFlag) -> 
         if saved_at != iteration:
             last_path = save()
             log.message(f"saved {last_path}")
+    except KeyboardInterrupt:
+        newest = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+        raise RunInterrupted(f"interrupted during iteration {iteration + 1} of {t.iters}; rerun the same "
+                             "command to resume from " + (newest or "the start (no checkpoint yet)")) from None
     finally:
+        sigterm.restore()
         log.finish()
+    log.summary(steps=iteration - first_iteration, seconds=time.time() - started, loss=loss,
+                val_loss=val_loss, checkpoint=ckpt.latest_checkpoint(cfg.checkpoint_dir), stopped=stopped)
     return {"iteration": iteration, "loss": loss, "val_loss": val_loss,
             "checkpoint": ckpt.iter_dir(cfg.checkpoint_dir, iteration), "stopped_by_sigterm": stopped,
             "skipped_steps": skipped}

@@ -25,12 +25,30 @@ import warnings
 import torch
 import yaml
 
-from ..evaluation.plots import plot_layout
+from ..plots import plot_layout
 from .config import PretrainConfig, WandbMode, to_plain_dict
 
 # Dense bf16 peak TFLOP/s of known accelerators (for MFU), matched against the device name.
 PEAK_TFLOPS_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "B200": 2250.0, "L40S": 362.1,
                     "A10G": 125.0, "L4": 121.0}
+
+
+def say(text: str) -> None:
+    """One console line from rank 0 ($RANK; usable before the process group exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
+
+
+def _short(path: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def peak_tflops_per_device(configured: float | None) -> float | None:
@@ -86,6 +104,7 @@ class MetricsLogger:
         self.window_time = 0.0
         self.run_start = time.time()
         self.wandb = None
+        self.offline_run = None     # the offline wandb run's directory, known after finish()
         if not enabled:
             return
         os.makedirs(cfg.run.dir, exist_ok=True)
@@ -185,4 +204,26 @@ class MetricsLogger:
             return
         self.jsonl.close()
         if self.wandb is not None:
+            self.offline_run = self.wandb.settings.sync_dir if self.wandb.settings.mode == "offline" else None
             self.wandb.finish()
+
+    def summary(self, *, steps: int, seconds: float, loss: float | None, val_loss: float | None,
+                checkpoint: str | None, stopped: bool) -> None:
+        """The run's last console line (after ``finish``): steps and tokens of this launch, wall
+        time, final losses, and where the checkpoint, metrics, picture and wandb run are."""
+        if not self.enabled:
+            return
+        t = self.cfg.train
+        parts = [f"{'stopped by SIGTERM' if stopped else 'done'}: {steps} steps, "
+                 f"{steps * self.tokens_per_step:,} tokens in {_duration(seconds)}"
+                 + (f" | loss {loss:.4f}" if loss is not None else "")
+                 + (f", validation {val_loss:.4f}" if val_loss is not None else ""),
+                 f"checkpoint {_short(checkpoint) if checkpoint else 'none'}",
+                 f"metrics {_short(self.jsonl.name)}", f"picture {_short(self.pattern_path)}"]
+        if self.wandb is not None:
+            offline = self.offline_run
+            parts.append(f"wandb offline {_short(offline)} (upload: wandb sync {_short(offline)})"
+                         if offline else f"wandb {self.wandb.url}")
+        if steps and self.start_iteration + steps < t.iters:
+            parts.append("rerun the same command to resume")
+        print(" | ".join(parts), flush=True)

@@ -1,0 +1,180 @@
+"""The command line of ``scripts/pretrain.py``: Hydra's override syntax over ``recipes/``, and an
+early end always shown as one line.
+
+    main(argv) -> exit status: 0 trained (or the run was already complete), 2 refused config,
+    130 interrupted (Ctrl-C)
+
+The recipe is composed with Hydra's compose API instead of ``@hydra.main`` (which prints a
+traceback for any exception of the task), so that every refusal, Hydra's own (unknown key, wrong
+type, malformed override, unknown recipe) and ``validate``'s or ``pretrain``'s, prints one line on
+stderr, ``error: <key>=<value>: <what is wrong and how to fix it>``, from rank 0 only ($RANK, as
+torchrun sets it; the other ranks print nothing), with exit status 2. ``HYDRA_FULL_ERROR=1`` raises
+instead, with the traceback. Options: ``--config-name NAME`` (``-cn``), ``--cfg job`` (print the
+composed recipe), ``--help``.
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+import itertools
+import os
+import re
+import sys
+import warnings
+
+from omegaconf import OmegaConf
+
+from .config import RECIPES_DIR, STABLE_KEYS, Device, compose_config, schema_keys, validate
+from .errors import ConfigError, RunInterrupted
+from .loop import pretrain
+
+USAGE = """usage: python scripts/pretrain.py [--config-name RECIPE] [key=value ...]
+       torchrun --nproc_per_node=N scripts/pretrain.py [--config-name RECIPE] [key=value ...]
+
+Pretrain a hybrid S2/dense GPT model. Overrides use Hydra's syntax (key=value, key=[a,b]); every
+output goes under run.dir, and rerunning a command resumes its run."""
+
+
+def _first_sentence(text: str, width: int = 96) -> str:
+    sentence = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", text.strip() + " ", maxsplit=1)[0].strip()
+    return sentence if len(sentence) <= width else sentence[:width - 3] + "..."
+
+
+def recipes(recipes_dir: str = RECIPES_DIR) -> dict[str, str]:
+    """Recipe name -> the first sentence of its leading comment."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(recipes_dir, "*.yaml"))):
+        name = os.path.basename(path)[:-5]
+        if name == "base":
+            continue
+        with open(path) as f:
+            lines = f.read().splitlines()
+        leading = [line.lstrip("# ").strip() for line in itertools.takewhile(lambda l: l.startswith("#"), lines)]
+        found[name] = _first_sentence(" ".join(leading))
+    return found
+
+
+def help_text() -> str:
+    keys = schema_keys()
+    stable = [k for k in keys if any(k == s or (s.endswith("*") and k.startswith(s[:-1])) for s in STABLE_KEYS)]
+    width = max(map(len, stable)) + 2
+    lines = [USAGE, "", "recipes (--config-name, default tiny):"]
+    lines += [f"  {name:<18}{about}" for name, about in recipes().items()]
+    lines += ["", "stable keys:"] + [f"  {k:<{width}}{_first_sentence(keys[k])}" for k in stable]
+    lines += ["", "Every key and its value in a recipe: --cfg job (all keys: megatron_s2/training/config.py).",
+              "A refused config prints one line, 'error: <key>=<value>: <reason>', and exits with status 2;",
+              "HYDRA_FULL_ERROR=1 shows the traceback instead."]
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str]) -> tuple[str, list[str], bool, bool]:
+    """(recipe, overrides, --help, --cfg job)."""
+    recipe, overrides, show_help, show_cfg = "tiny", [], False, False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            show_help = True
+        elif arg in ("--config-name", "-cn"):
+            if not args:
+                raise ConfigError("--config-name", "", "needs a recipe name")
+            recipe = args.pop(0)
+        elif arg.startswith(("--config-name=", "-cn=")):
+            recipe = arg.split("=", 1)[1]
+        elif arg in ("--cfg", "-c"):
+            show_cfg = True
+            if args and args[0] == "job":
+                args.pop(0)
+        elif arg.startswith("-"):
+            raise ConfigError("option", arg, "unknown; the options are --config-name, --cfg job and --help")
+        else:
+            overrides.append(arg)
+    return recipe, overrides, show_help, show_cfg
+
+
+def _override_value(overrides: list[str], key: str) -> str:
+    for override in overrides:
+        name, _, value = override.lstrip("+~").partition("=")
+        if name == key:
+            return value
+    return "?"
+
+
+def _composition_error(error: Exception, recipe: str, overrides: list[str]) -> ConfigError | None:
+    """Hydra's composition errors as ConfigErrors on the key (the cause carries full_key); None
+    for an error of another kind."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(error, MissingConfigException):
+        return ConfigError("--config-name", recipe, "no such recipe; recipes: " + ", ".join(recipes()))
+    if isinstance(error, OverrideParseException):
+        bad = re.search(r"Error parsing override '([^']*)'", str(error))
+        text = bad.group(1) if bad else str(error).splitlines()[0]
+        name, _, value = text.partition("=")
+        return ConfigError(name, value, "is not an override of the form key=value (Hydra's syntax, "
+                                        "e.g. train.iters=50 or data.prefixes=[a,b])")
+    cause = error
+    while cause is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    key, message = cause.full_key, str(getattr(cause, "msg", cause)).splitlines()[0]
+    value = _override_value(overrides, key)
+    if "not in" in message or "Missing key" in message:
+        close = difflib.get_close_matches(key, list(schema_keys()), n=1, cutoff=0.6)
+        return ConfigError(key, value, "no such key" + (f"; did you mean {close[0]}?" if close
+                                                        else "; python scripts/pretrain.py --help lists the keys"))
+    return ConfigError(key, value, message)
+
+
+def _quiet_notices(cpu: bool) -> None:
+    """Hide (by message) third-party warnings a user cannot act on: torch's deprecation notices
+    that Megatron's dist_checkpointing triggers at every resume, and on the CPU path Megatron's
+    advice to set CUDA_DEVICE_MAX_CONNECTIONS (given to every tensor-parallel run)."""
+    warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+    if cpu:
+        warnings.filterwarnings("ignore", message="When using (sequence parallelism|async grad allreduce) it is "
+                                                  "recommended to set the environment variable CUDA_DEVICE_MAX")
+
+
+def _say_error(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, compose, validate, train; returns the exit status (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        recipe, overrides, show_help, show_cfg = _parse(argv)
+        if show_help:
+            print(help_text())
+            return 0
+        try:
+            composed = compose_config(overrides, recipe=recipe)
+        except Exception as e:      # Hydra's own errors: map the known kinds, raise anything else
+            refusal = _composition_error(e, recipe, overrides)
+            if refusal is None or debug:
+                raise
+            raise refusal from e
+        if show_cfg:
+            print(OmegaConf.to_yaml(composed), end="")
+            return 0
+        cfg = validate(composed)
+        _quiet_notices(cpu=cfg.train.device == Device.cpu)
+        pretrain(cfg)
+        return 0
+    except ConfigError as e:
+        if debug:
+            raise
+        _say_error(f"error: {e}")
+        return 2
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        _say_error(str(e) if isinstance(e, RunInterrupted) else "interrupted")
+        return 130
+

@@ -1,0 +1,162 @@
+"""The command line's refusals (docs/RELIABILITY.md, "Bad input"): every case is one line on stderr,
+``error: <key>=<value>: <reason>``, exit status 2, no traceback, nothing on stdout, and run.dir
+untouched (a fresh one not even created). Runs ``megatron_s2.training.cli.main`` (what
+scripts/pretrain.py calls) in-process for the table, the script itself and torchrun for the
+process-level shape; --help lists the recipes and the stable keys."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_s2.training import checkpoint as ckpt
+from megatron_s2.training.cli import main
+from megatron_s2.training.config import compose_config, validate
+from megatron_s2.training.data import ByteTokenizer, prepare_dataset
+from megatron_s2.training.errors import ConfigError
+from megatron_s2.training.loop import padded_vocab_size, run_meta
+from test_train_loop import PRETRAIN, _env
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small byte-level dataset and a copy with its .bin cut short."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    prepare_dataset([str(root / "a.txt")], str(root / "a"), ByteTokenizer(), progress=False)
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copy(root / f"a{ext}", root / f"cut{ext}")
+    os.truncate(root / "cut.bin", os.path.getsize(root / "cut.bin") - 100)
+    return root
+
+
+def _fake_checkpoint(run_dir, iteration: int, *overrides: str) -> None:
+    """A complete checkpoint's marker (run.json) of the tiny recipe with ``overrides``: enough for
+    the refusals, which read only run.json."""
+    cfg = validate(compose_config(list(overrides)), world_size=1)
+    meta = run_meta(cfg, 1, padded_vocab_size(ByteTokenizer.vocab_size, cfg))
+    path = ckpt.iter_dir(str(run_dir / "checkpoints"), iteration)
+    os.makedirs(path)
+    with open(os.path.join(path, ckpt.META_FILE), "w") as f:
+        json.dump({**meta, "iteration": iteration}, f)
+
+
+def _snapshot(directory) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+# (id, command-line arguments, WORLD_SIZE, the start of the one line after "error: ", words in it)
+REFUSALS = [
+    ("unknown key", ["train.itres=5"], 1, "train.itres=5: no such key", ["did you mean train.iters?"]),
+    ("wrong type", ["train.iters=many"], 1, "train.iters=many: ", ["Integer"]),
+    ("bad enum", ["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode=sometimes: ", ["offline"]),
+    ("malformed override", ["train.iters"], 1, "train.iters=: is not an override", ["key=value"]),
+    ("unknown recipe", ["--config-name=tinyy"], 1, "--config-name=tinyy: no such recipe", ["tiny"]),
+    ("unknown option", ["--bogus"], 1, "option=--bogus: unknown", ["--config-name"]),
+    ("seq length off the block grid", ["train.seq_length=100"], 1, "train.seq_length=100: ",
+     ["attention.s2.block_size = 16"]),
+    ("seq length off the CP grid", ["parallel.cp=2", "train.seq_length=96"], 2, "train.seq_length=96: ",
+     ["2 * parallel.cp (2)"]),
+    ("heads vs tp", ["parallel.tp=8", "model.num_query_groups=4"], 8, "model.num_attention_heads=4: ",
+     ["parallel.tp (8)"]),
+    ("kv groups vs tp", ["parallel.tp=4"], 4, "model.num_query_groups=2: ", ["parallel.tp (4)"]),
+    ("dense heads vs kv heads", ["attention.s2.num_dense_heads=3"], 1, "attention.s2.num_dense_heads=3: ",
+     ["model.num_query_groups (2)"]),
+    ("layout length", ["attention.layout=DSD"], 1, "attention.layout=DSD: ", ["model.num_layers is 4"]),
+    ("layout characters", ["attention.layout=DSXS"], 1, "attention.layout=DSXS: ", ["'X'"]),
+    ("block size", ["attention.s2.block_size=24"], 1, "attention.s2.block_size=24: ", ["power of two"]),
+    ("local blocks", ["attention.s2.local_blocks=0"], 1, "attention.s2.local_blocks=0: ", [">= 1"]),
+    ("global batch", ["train.global_batch_size=12"], 1, "train.global_batch_size=12: ", ["null"]),
+    ("world size", ["parallel.tp=2"], 3, "parallel.tp=2: ", ["world size (3)"]),
+    ("lr below min_lr", ["train.lr=1e-5", "train.min_lr=1e-4"], 1, "train.lr=1e-05: ", ["train.min_lr"]),
+    ("bf16 on cpu", ["train.device=cpu", "train.precision=bf16"], 1, "train.precision=bf16: ", ["fp32"]),
+    ("missing dataset", ["data.prefixes=[/nonexistent/corpus]"], 1,
+     "data.prefixes[0]=/nonexistent/corpus: ", ["prepare_data.py"]),
+    ("truncated dataset", ["data.prefixes=[{data}/cut]"], 1, "data.prefixes[0]={data}/cut: ", ["truncated"]),
+    ("missing tokenizer", ["data.tokenizer=/nonexistent/tokenizer"], 1, "data.tokenizer=/nonexistent/tokenizer: ",
+     ["'byte'"]),
+    ("loss ids outside the vocabulary", ["data.loss_token_ids=[65,257]"], 1, "data.loss_token_ids=[65,257]: ",
+     ["[0, 257)"]),
+    ("run.dir not writable", ["run.dir={tmp}/a_file/run"], 1, "run.dir={tmp}/a_file/run: ", ["not a directory"]),
+    ("fresh run over checkpoints", ["checkpoint.resume=false", "run.dir={tmp}/done"], 1,
+     "checkpoint.resume=false: ", ["iter_0000004"]),
+    ("another model than the checkpoint", ["attention.layout=SSSS", "train.iters=50", "run.dir={tmp}/done"], 1,
+     "attention.layout=SSSS: {tmp}/done/checkpoints/iter_0000004 was saved with attention.layout=DSDS",
+     ["its own run.dir"]),
+    ("another S2 config than the checkpoint", ["attention.s2.local_blocks=2", "run.dir={tmp}/done"], 1,
+     "attention.s2.local_blocks=2: ", ["attention.s2.local_blocks=4"]),
+    ("heads leave older blocks unseen", ["attention.s2.vert_stride=4"], 1, "attention.s2.vert_stride=4: ",
+     ["attention.s2.allow_uncovered_context=true"]),
+]
+
+
+@pytest.mark.parametrize("args, world_size, start, words", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+def test_refusals_are_one_line(tmp_path, dataset, monkeypatch, capsys, args, world_size, start, words):
+    (tmp_path / "a_file").write_text("not a directory")
+    _fake_checkpoint(tmp_path / "done", 4)
+    before = _snapshot(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    fill = dict(tmp=tmp_path, data=dataset)
+    args = [a.format(**fill) for a in args]
+    if not any(a.startswith("run.dir=") for a in args):
+        args.append(f"run.dir={tmp_path}/fresh")
+
+    status = main(args)
+
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == ""
+    assert err.startswith("error: " + start.format(**fill)) and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+    assert not os.path.exists(tmp_path / "fresh")
+    assert _snapshot(tmp_path) == before
+
+
+def test_debug_switch_raises_with_the_traceback(monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigError, match="attention.layout=DSXS"):
+        main(["attention.layout=DSXS"])
+
+
+def test_rerun_of_a_complete_run_creates_nothing(tmp_path, capsys):
+    """A checkpoint at train.iters: say so and how to continue; exit 0; nothing written."""
+    run_dir = tmp_path / "done"
+    _fake_checkpoint(run_dir, 300)
+    before = _snapshot(run_dir)
+    assert main([f"run.dir={run_dir}"]) == 0
+    out, err = capsys.readouterr()
+    assert f"run.dir {run_dir} is complete" in out and "raise train.iters (e.g. train.iters=600)" in out
+    assert err == ""
+    assert _snapshot(run_dir) == before
+
+
+def test_help_lists_recipes_and_stable_keys(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for line in ("  tiny ", "  phi3_small ", "  train.global_batch_size ", "  attention.layout ",
+                 "  logging.wandb.mode "):
+        assert line in out, out
+    assert "Configuration groups" not in out
+
+
+def test_script_and_torchrun_refuse_in_one_line(tmp_path):
+    """The script: exit 2, one line, no traceback, no Megatron notices. Under torchrun (2 ranks)
+    our line appears once (rank 0), whatever torchrun adds about the failed workers."""
+    script = subprocess.run([sys.executable, PRETRAIN, "attention.layout=DSXS", f"run.dir={tmp_path}/run"],
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert script.returncode == 2
+    assert script.stderr == ("error: attention.layout=DSXS: may only contain 'S' (sparse) and 'D' (dense), "
+                             "found ['X']\n")
+    assert script.stdout == ""
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               PRETRAIN, "attention.layout=DSXS", f"run.dir={tmp_path}/run"],
+                              env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert launched.returncode != 0
+    assert (launched.stdout + launched.stderr).count("error: attention.layout=DSXS") == 1
+    assert not os.path.exists(tmp_path / "run")

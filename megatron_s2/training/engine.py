@@ -14,18 +14,18 @@ gradients.
   tensor-parallel shards (duplicated parameters counted once), clipping. Optimizer state goes
   into dist checkpoints through Megatron's helpers, sharded like the parameters it belongs to.
 - ``GpuEngine`` (CUDA, bf16 or fp32): Megatron-Core's DistributedDataParallel, distributed
-  optimizer and forward-backward schedules, pipeline schedules included when pp > 1. Megatron's
-  schedules reduce gradients only through hooks on the model's TransformerConfig, which
-  ``set_schedule_hooks`` sets as Megatron-LM's ``training.train`` does (see there). The loss
-  function returns (loss_sum, num_tokens, report) with ``calculate_per_token_loss=False`` (the
-  TransformerConfig default), so Megatron divides each micro batch's sum by its tokens and by the
-  number of micro batches (``schedules.forward_step_calc_loss``) and DDP scales gradients by
-  1 / (dp x cp) before summing them (``gradient_scaling_factor``): the CpuEngine's objective and
-  gradients. Under context parallelism "its tokens" are this rank's loss-masked tokens, in both
-  engines: the objective is the mean over CP ranks of their local token means, which equals the
-  micro batch's token mean when the loss mask covers every CP chunk alike (e.g. all ones). The CPU
-  suite checks the hook wiring and the schedule arguments; tests/test_gpu_engine.py (marked gpu)
-  compares the engine with CpuEngine and with one process on a GPU.
+  optimizer and forward-backward schedules (pipeline schedules when pp > 1). The schedules reduce
+  gradients only through hooks on the model's TransformerConfig; ``set_schedule_hooks`` sets them
+  as Megatron-LM does. The objective above is Megatron's own normalisation: the loss function
+  returns (loss_sum, num_tokens, report), and with ``calculate_per_token_loss=False`` (the
+  default) the schedules divide by the tokens and by the number of micro batches
+  (``schedules.forward_step_calc_loss``) and DDP scales gradients by 1 / (dp x cp) before summing.
+
+Under context parallelism (both engines) a micro batch's tokens are this rank's loss-masked
+tokens: the objective is the mean of the CP ranks' local token means, which is the micro batch's
+token mean when every CP chunk holds as many loss-masked tokens (e.g. no mask). CPU tests check
+the hook wiring and the schedule arguments; tests/test_gpu_engine.py (marked gpu) compares
+GpuEngine with CpuEngine and two ranks with one process.
 """
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ def _snapshot(directory) -> dict[str, bytes]:
 # (id, command-line arguments, WORLD_SIZE, the start of the one line after "error: ", words in it)
 REFUSALS = [
     ("unknown key", ["train.itres=5"], 1, "train.itres=5: no such key", ["did you mean train.iters?"]),
+    ("added unknown key", ["+train.itres=5"], 1, "train.itres=5: no such key", ["did you mean train.iters?"]),
     ("wrong type", ["train.iters=many"], 1, "train.iters=many: ", ["Integer"]),
     ("bad enum", ["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode=sometimes: ", ["offline"]),
     ("malformed override", ["train.iters"], 1, "train.iters=: is not an override", ["key=value"]),

@@ -121,10 +121,28 @@ def _composition_error(error: Exception, recipe: str, overrides: list[str]) -> C
     key, message = cause.full_key, str(getattr(cause, "msg", cause)).splitlines()[0]
     value = _override_value(overrides, key)
     if "not in" in message or "Missing key" in message:
-        close = difflib.get_close_matches(key, list(schema_keys()), n=1, cutoff=0.6)
-        return ConfigError(key, value, "no such key" + (f"; did you mean {close[0]}?" if close
-                                                        else "; python scripts/pretrain.py --help lists the keys"))
+        return _no_such_key(key, value)
     return ConfigError(key, value, message)
+
+
+def _no_such_key(key: str, value) -> ConfigError:
+    close = difflib.get_close_matches(key, list(schema_keys()), n=1, cutoff=0.6)
+    return ConfigError(key, value, "no such key" + (f"; did you mean {close[0]}?" if close
+                                                    else "; python scripts/pretrain.py --help lists the keys"))
+
+
+def _check_keys(composed) -> None:
+    """Keys added with Hydra's ``+key=value`` pass composition; the schema does not know them."""
+    def leaves(node, prefix=""):
+        for name, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", value
+    known = schema_keys()
+    for key, value in leaves(OmegaConf.to_container(composed, resolve=False)):
+        if key not in known:
+            raise _no_such_key(key, value)
 
 
 def _quiet_notices(cpu: bool) -> None:
@@ -160,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             if refusal is None or debug:
                 raise
             raise refusal from e
+        _check_keys(composed)
         if show_cfg:
             print(OmegaConf.to_yaml(composed), end="")
             return 0

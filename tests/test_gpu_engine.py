@@ -5,9 +5,10 @@ schedules call are set as Megatron-LM's training loop sets them, and the schedul
 buffers come out the size of this rank's hidden states.
 
 On a GPU (marked gpu; tests/multiproc/gpu_engine_worker.py runs the engines): GpuEngine in fp32
-against CpuEngine in one process; dp=2 and cp=2 with two ranks on the one GPU against one process
-(NCCL, else gloo; skipped when neither can put two ranks on one device); and the tiny recipe
-through ``pretrain`` in bf16, 30 steps, resumed to 40, against 40 steps straight.
+against CpuEngine in one process; dp=2, cp=2 and tp=2 with sequence parallelism, two ranks on the
+one GPU, against one process (NCCL, else gloo; skipped when neither can put two ranks on one
+device); and the tiny recipe through ``pretrain`` in bf16, 30 steps, resumed to 40, against 40
+steps straight.
 """
 import inspect
 import json
@@ -96,11 +97,11 @@ def _env() -> dict:
     return env
 
 
-def _worker(out: Path, backend: str, engines: str, cp: int, precision: str, masked: bool, nproc: int = 1):
+def _worker(out: Path, backend: str, engines: str, parallel: str, precision: str, masked: bool, nproc: int = 1):
     """(returncode, output tail, the worker's JSON or None)."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, str(WORKER), str(out), backend, engines, str(cp), precision,
+    proc = subprocess.run([*launcher, str(WORKER), str(out), backend, engines, parallel, precision,
                            "1" if masked else "0"], env=_env(), capture_output=True, text=True, timeout=300)
     tail = (proc.stdout + proc.stderr)[-3000:]
     return proc.returncode, tail, json.loads(out.read_text()) if proc.returncode == 0 else None
@@ -115,7 +116,7 @@ def _close(got: dict, want: dict, rel: float) -> None:
 def test_gpu_engine_fp32_equals_cpu_engine(tmp_path):
     """Same model, weights and masked batches, one process: Megatron's DDP, distributed optimizer,
     schedules and loss normalisation give CpuEngine's losses and gradient norms."""
-    code, tail, result = _worker(tmp_path / "out.json", "cpu:gloo,cuda:nccl", "cpu,gpu", 1, "fp32", True)
+    code, tail, result = _worker(tmp_path / "out.json", "cpu:gloo,cuda:nccl", "cpu,gpu", "-", "fp32", True)
     assert code == 0, tail
     _close(result["gpu"], result["cpu"], rel=1e-4)
 
@@ -123,7 +124,7 @@ def test_gpu_engine_fp32_equals_cpu_engine(tmp_path):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "out.json"
-    code, tail, result = _worker(out, "cpu:gloo,cuda:nccl", "gpu", 1, "fp32", False)
+    code, tail, result = _worker(out, "cpu:gloo,cuda:nccl", "gpu", "-", "fp32", False)
     assert code == 0, tail
     return result["gpu"]
 
@@ -135,15 +136,16 @@ _REFUSED_BACKENDS: dict[str, str] = {}      # backend -> its refusal, so the nex
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cp", [1, 2], ids=["dp2", "cp2"])
-def test_two_ranks_on_one_gpu_equal_one_process(tmp_path, one_process, cp):
-    """dp=2 (cp=1) or cp=2 on two ranks sharing the GPU: the gradients are reduced over dp x cp, so
-    losses and gradient norms equal the single process's (fp32; TF32 in the Triton kernels and
-    another summation order allow 1e-3)."""
+@pytest.mark.parametrize("parallel", ["-", "parallel.cp=2", "parallel.tp=2,parallel.sequence_parallel=true"],
+                         ids=["dp2", "cp2", "tp2_sp"])
+def test_two_ranks_on_one_gpu_equal_one_process(tmp_path, one_process, parallel):
+    """dp=2, cp=2, or tp=2 with sequence parallelism on two ranks sharing the GPU: gradients are
+    reduced over dp x cp and the norm weights' over TP, so losses and gradient norms equal the
+    single process's (fp32; other GEMM shapes and summation orders allow 1e-3)."""
     for backend in ("cpu:gloo,cuda:nccl", "gloo"):
         if backend in _REFUSED_BACKENDS:
             continue
-        code, tail, result = _worker(tmp_path / "out.json", backend, "gpu", cp, "fp32", False, nproc=2)
+        code, tail, result = _worker(tmp_path / "out.json", backend, "gpu", parallel, "fp32", False, nproc=2)
         if code == 0:
             _close(result["gpu"], one_process, rel=1e-3)
             return

@@ -1,16 +1,19 @@
 """GPU worker: a few optimizer steps of a tiny hybrid model through the trainer's engines on fixed
 random batches; writes each engine's per-step losses and gradient norms.
 
-    python gpu_engine_worker.py OUT.json BACKEND ENGINES CP PRECISION MASKED          (one process)
-    torchrun --standalone --nproc_per_node=2 gpu_engine_worker.py OUT.json BACKEND gpu CP fp32 0
+    python gpu_engine_worker.py OUT.json BACKEND ENGINES - PRECISION MASKED            (one process)
+    torchrun --standalone --nproc_per_node=2 gpu_engine_worker.py OUT.json BACKEND gpu PARALLEL fp32 0
 
 BACKEND: a torch.distributed backend string ("cpu:gloo,cuda:nccl", "gloo"). ENGINES: "gpu", "cpu"
 or "cpu,gpu" (each builds its own model from the same seed, so both start from the same weights).
-Every rank uses CUDA device 0: ranks may share one GPU. Data parallel size = world size / CP. The
-global batch (8 sequences of 128 tokens; MASKED=1 drops about a third of the tokens from the loss)
-is cut into micro batches of one sequence: data-parallel rank r takes micro batches r, r + dp, ...
-(the trainer's order), each cut for context parallelism in Megatron's order. No learning-rate
-schedule and no weight decay, so the two engines' optimizers see the same settings.
+PARALLEL: comma-separated config overrides ("parallel.cp=2", "parallel.tp=2,
+parallel.sequence_parallel=true") or "-". Every rank uses CUDA device 0: ranks may share one GPU.
+Weights are drawn on the CPU and sliced (use_cpu_initialization), so any tp starts from the
+single-process weights. Data parallel size = world size / (tp x cp). The global batch (8
+sequences of 128 tokens; MASKED=1 drops about a third of the tokens from the loss) is cut into
+micro batches of one sequence: data-parallel rank r takes micro batches r, r + dp, ... (the
+trainer's order), each cut for context parallelism in Megatron's order. No learning-rate schedule
+and no weight decay, so the two engines' optimizers see the same settings.
 """
 import datetime
 import json
@@ -50,6 +53,7 @@ def global_batch(step: int, masked: bool) -> list[dict]:
 def train(cfg, engine_name: str, masked: bool) -> dict:
     seed_everything(cfg.train.seed, cuda=True)
     config = transformer_config(cfg)
+    config.use_cpu_initialization = True
     model = build_gpt_model(config, cfg.attention.s2, cfg.attention.layout, vocab_size=VOCAB,
                             max_sequence_length=SEQ).cuda()
     engine = CpuEngine(model, cfg) if engine_name == "cpu" else GpuEngine(model, cfg, config)
@@ -68,16 +72,17 @@ def train(cfg, engine_name: str, masked: bool) -> dict:
     return {"loss": losses, "grad_norm": grad_norms}
 
 
-def main(out_path: str, backend: str, engines: str, cp: int, precision: str, masked: bool) -> None:
+def main(out_path: str, backend: str, engines: str, parallel: str, precision: str, masked: bool) -> None:
     torch.cuda.set_device(0)
     timeout = datetime.timedelta(seconds=60)
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    cfg = validate(compose_config(OVERRIDES + [f"parallel.cp={cp}", f"train.precision={precision}"]),
+    overrides = [] if parallel == "-" else parallel.split(",")
+    cfg = validate(compose_config(OVERRIDES + overrides + [f"train.precision={precision}"]),
                    world_size=dist.get_world_size())
-    parallel_state.initialize_model_parallel(context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(cfg.parallel.tp, context_parallel_size=cfg.parallel.cp)
     results = {name: train(cfg, name, masked) for name in engines.split(",")}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
@@ -87,4 +92,4 @@ def main(out_path: str, backend: str, engines: str, cp: int, precision: str, mas
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1")
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")

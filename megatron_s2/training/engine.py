@@ -161,10 +161,11 @@ def set_schedule_hooks(config, model, optimizer) -> None:
     - ``grad_scale_func = optimizer.scale_loss``: the schedules scale the loss before backward
       (1 in bf16 and fp32; the loss scale under fp16).
     - With ``model.ddp_config.overlap_grad_reduce``: ``no_sync_func = model.no_sync`` (no reduction
-      during the first micro batches) and ``grad_sync_func = model.start_grad_sync`` (buckets start
-      reducing as their last backward finishes); with ``overlap_param_gather`` and
-      ``align_param_gather``: ``param_sync_func = model.start_param_sync``. Otherwise these are
-      None. GpuEngine overlaps nothing today, so only the first two are set.
+      during all but the last micro batch) and ``grad_sync_func = model.start_grad_sync`` (the
+      pipeline schedules launch a chunk's reduction after its last backward); with
+      ``overlap_param_gather`` and ``align_param_gather``: ``param_sync_func =
+      model.start_param_sync``. Otherwise these are None. GpuEngine overlaps nothing today
+      (``overlap_grad_reduce=False``), so only the first two are set.
     """
     from megatron.core.distributed import finalize_model_grads
 

@@ -3,10 +3,12 @@
 - ``ByteTokenizer`` needs no files (UTF-8 bytes + an end-of-document token); ``HFTokenizer``
   reads a local Hugging Face tokenizer directory (``transformers`` is imported only then; nothing
   is downloaded).
-- ``prepare_dataset`` turns text files, JSONL files or folders of them into one indexed dataset,
-  one document per file (per line for JSONL), written atomically with a metadata sidecar
-  ``<prefix>.json`` that names the tokenizer.
-- ``build_datasets`` reads them through Megatron-Core's ``GPTDataset`` /
+- ``prepare_dataset`` turns text files, JSONL files or folders of them into one indexed dataset
+  (documents: a JSONL record; in plain text, a paragraph, see ``text_documents``), written
+  atomically with a metadata sidecar ``<prefix>.json`` that names the tokenizer.
+- ``check_splits`` refuses, before Megatron builds anything, a split that this run reads and that
+  would get no sample (Megatron's GPTDataset loops forever on an empty split);
+  ``build_datasets`` then reads the datasets through Megatron-Core's ``GPTDataset`` /
   ``BlendedMegatronDatasetBuilder`` (train/valid splits, blends; its sample indices are cached).
 - ``get_micro_batch`` gives one rank its slice of a global batch by sample position, so the data
   position is just the number of consumed samples and a resumed run reads what the uninterrupted
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 import sysconfig
@@ -26,6 +29,8 @@ import numpy as np
 import torch
 
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDatasetBuilder
+
+from .errors import ConfigError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -100,14 +105,26 @@ def _input_files(inputs: list[str], suffixes: tuple[str, ...] | None) -> list[st
     return files
 
 
-def _documents(path: str, jsonl_key: str) -> Iterator[str]:
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")     # a blank (or whitespace-only) line
+TEXT_DOCUMENTS_RULE = (
+    "A JSONL record is one document. In plain text a document is a paragraph (the text between "
+    "blank lines), and a paragraph longer than the token budget is cut into pieces of that many "
+    "tokens; with the 'file' unit each text file is one document.")
+
+
+def _documents(path: str, jsonl_key: str, paragraphs: bool) -> Iterator[str]:
+    """A JSONL file's records; a text file's paragraphs (``paragraphs``) or its whole text."""
     with open(path, encoding="utf-8", errors="replace") as f:
         if not path.endswith(JSONL_SUFFIXES):
-            yield f.read()
+            text = f.read()
+            yield from (PARAGRAPH_BREAK.split(text) if paragraphs else [text])
             return
         for line_number, line in enumerate(f, 1):
             if line.strip():
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number} is not a JSON record ({e.msg})") from None
                 if jsonl_key not in record:
                     raise ValueError(f"{path}:{line_number} has no key {jsonl_key!r} (jsonl_key)")
                 yield record[jsonl_key]
@@ -132,33 +149,48 @@ class _Progress:
 
 
 def prepare_dataset(inputs: list[str], output_prefix: str, tokenizer, *, jsonl_key: str = "text",
-                    suffixes: tuple[str, ...] | None = None, progress: bool = True) -> dict:
-    """Tokenize text files, JSONL files (one document per line, field ``jsonl_key``) or folders of
-    them (``suffixes`` filters folder contents) into ``output_prefix``.bin/.idx, each document
-    followed by the tokenizer's eod. Returns the metadata also written to ``output_prefix``.json.
+                    suffixes: tuple[str, ...] | None = None, text_documents: str = "paragraph",
+                    max_document_tokens: int = 2048, progress: bool = True) -> dict:
+    """Tokenize text files, JSONL files (field ``jsonl_key``) or folders of them (``suffixes``
+    filters folder contents) into ``output_prefix``.bin/.idx, each document followed by the
+    tokenizer's eod. ``text_documents`` ('paragraph' or 'file') and ``max_document_tokens`` (the
+    token budget) set the document unit of plain text: see TEXT_DOCUMENTS_RULE. Returns the
+    metadata also written to ``output_prefix``.json (documents; tokens, eods included; files).
+    ValueError when the inputs hold no non-empty document (nothing is written then).
     """
+    if text_documents not in ("paragraph", "file"):
+        raise ValueError(f"text_documents ({text_documents!r}) must be 'paragraph' or 'file'")
+    if max_document_tokens < 1:
+        raise ValueError(f"max_document_tokens ({max_document_tokens}) must be >= 1")
     files = _input_files(list(inputs), suffixes)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
     bar = _Progress(len(files), progress)
+    paragraphs = text_documents == "paragraph"
     num_documents = num_tokens = 0
     for done, path in enumerate(files, 1):
-        for text in _documents(path, jsonl_key):
-            if not text:
+        budget = max_document_tokens if paragraphs and not path.endswith(JSONL_SUFFIXES) else None
+        for text in _documents(path, jsonl_key, paragraphs):
+            if not text.strip():
                 continue
-            ids = np.append(tokenizer.tokenize(text), tokenizer.eod)
-            builder.add_document(ids, [len(ids)])
-            num_documents += 1
-            num_tokens += len(ids)
+            ids = tokenizer.tokenize(text)
+            for start in range(0, len(ids), budget or len(ids)):
+                piece = np.append(ids[start:start + budget] if budget else ids, tokenizer.eod)
+                builder.add_document(piece, [len(piece)])
+                num_documents += 1
+                num_tokens += len(piece)
         bar.update(done, num_tokens)
     if num_documents == 0:
+        builder.data_file.close()
+        os.remove(tmp_prefix + ".bin")
         raise ValueError(f"inputs {list(inputs)} hold no non-empty documents")
     builder.finalize(tmp_prefix + ".idx")
     meta = {"tokenizer": tokenizer.unique_identifiers, "vocab_size": tokenizer.vocab_size,
             "eod": tokenizer.eod, "documents": num_documents, "tokens": num_tokens,
-            "files": len(files), "inputs": [os.path.abspath(p) for p in inputs]}
+            "files": len(files), "inputs": [os.path.abspath(p) for p in inputs],
+            "text_documents": text_documents, "max_document_tokens": max_document_tokens}
     with open(tmp_prefix + ".json", "w") as f:
         json.dump(meta, f, indent=2)
     # The .idx lands last: a prefix with an .idx is complete.
@@ -227,38 +259,111 @@ def default_dataset(cache_dir: str, tokenizer) -> str:
         files = sorted(os.path.join(stdlib, n) for n in os.listdir(stdlib) if n.endswith(".py"))
         print(f"preparing the default dataset from {len(files)} files in {stdlib} -> {prefix}",
               file=sys.stderr)
-        prepare_dataset(files, prefix, tokenizer)
+        prepare_dataset(files, prefix, tokenizer, text_documents="file")
     return prefix
 
 
 # -- datasets and batches -------------------------------------------------------------------------
 
+def split_sizes(prefix: str, split: str | None) -> list[tuple[int, int] | None]:
+    """(documents, tokens) that Megatron-Core's GPTDataset takes from each split [train, valid,
+    test] of the indexed dataset ``prefix``; None for a split that ``split`` (e.g. "98,2,0") leaves
+    out. ``split`` None: the whole dataset is one split (data.valid_prefixes), returned as train.
+
+    Megatron's rule (BlendedMegatronDatasetBuilder._build_megatron_dataset_splits, 0.16): the
+    normalised split vector's cumulative bookends (a, b) take sequences [round(a*N), round(b*N))
+    of the N sequences (prepare_dataset writes one sequence per document).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    lengths = dataset.sequence_lengths      # a view of the .idx mapping: used while dataset lives
+    matrix = ([(0.0, 1.0), None, None] if split is None
+              else convert_split_vector_to_split_matrix(parse_and_normalize_split(split)))
+    sizes = []
+    for bookends in matrix:
+        if bookends is None:
+            sizes.append(None)
+            continue
+        begin, end = (int(round(b * float(len(lengths)))) for b in bookends)
+        sizes.append((end - begin, int(lengths[begin:end].sum())))
+    del dataset
+    return sizes
+
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def check_splits(prefixes: list[str], weights: list[float] | None, valid_prefixes: list[str],
+                 split: str, *, seq_length: int, read_valid: bool) -> None:
+    """Refuse a split that this run reads (train; valid when ``read_valid``) and that one of its
+    datasets leaves without a sample: at least one document and seq_length + 1 tokens (a sample's
+    tokens and the next-token label of its last one). Megatron would loop forever computing the
+    epochs of an empty split, or fail on a blend with an empty part, so this runs before it.
+    Raises ConfigError (a ValueError) "<key>=<value>: <counts per split and the fix>", the key being
+    data.split, data.prefixes[i], data.valid_prefixes[i] or data.weights.
+    """
+    if weights is not None and not all(w > 0 for w in weights):
+        raise ConfigError("data.weights", list(weights), "every blend weight must be > 0 (Megatron samples "
+                                                          "each dataset in proportion to its weight)")
+    need = seq_length + 1
+    # (key, index, prefix, its split string or None for the whole dataset, the split read, for validation)
+    sources = [("data.prefixes", i, p, None if valid_prefixes else split, 0, False) for i, p in enumerate(prefixes)]
+    if read_valid:
+        sources += ([("data.valid_prefixes", i, p, None, 0, True) for i, p in enumerate(valid_prefixes)]
+                    if valid_prefixes else [("data.prefixes", i, p, split, 1, True) for i, p in enumerate(prefixes)])
+    for key, i, prefix, prefix_split, index, for_valid in sources:
+        sizes = split_sizes(prefix, prefix_split)
+        documents, tokens = sizes[index] or (0, 0)
+        if documents >= 1 and tokens >= need:
+            continue
+        total_documents = sum(size[0] for size in sizes if size is not None)
+        total_tokens = sum(size[1] for size in sizes if size is not None)
+        split_is_the_cause = prefix_split is not None and total_documents >= 2 and total_tokens >= 2 * need
+        counts = ", ".join(f"{name} {size[0]:,} documents / {size[1]:,} tokens"
+                           for name, size in zip(SPLIT_NAMES, sizes) if size is not None)
+        what = ((f"the {SPLIT_NAMES[index]} split" + (f" of {prefix}" if split_is_the_cause else "")
+                 if prefix_split else "the dataset")
+                + f" would get {documents:,} documents and {tokens:,} tokens"
+                + (f" ({counts})" if prefix_split else "")
+                + f", and a split needs at least 1 document and train.seq_length + 1 = {need:,} tokens")
+        more_data = "prepare more data with scripts/prepare_data.py (plain text: one document per paragraph)"
+        no_eval = ", set train.eval_interval=0 (no validation)" if for_valid else ""
+        if split_is_the_cause:
+            raise ConfigError("data.split", split, f"{what}; give that split a larger share (e.g. "
+                              f"'data.split=\"90,10,0\"'){no_eval}, pass data.valid_prefixes, or {more_data}")
+        raise ConfigError(f"{key}[{i}]", prefix, f"{what}; {more_data}{no_eval}, or use a smaller train.seq_length")
+
+
 def build_datasets(prefixes: list[str], weights: list[float] | None, valid_prefixes: list[str],
                    split: str, tokenizer, *, seq_length: int, seed: int, num_train_samples: int,
                    num_valid_samples: int, cache_dir: str):
     """(train, valid) GPTDatasets (valid is None when num_valid_samples is 0). Call on every rank:
-    Megatron builds its index caches on rank 0 first."""
+    Megatron builds its index caches on rank 0 first. ValueError (before Megatron builds anything,
+    the same on every rank) when a dataset was prepared with another tokenizer or a split that is
+    read has no sample (``check_splits``). Only the splits this run reads are built."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     for prefix in list(prefixes) + list(valid_prefixes):
         check_dataset_tokenizer(prefix, tokenizer)
+    read_valid = num_valid_samples > 0
+    check_splits(prefixes, weights, valid_prefixes, split, seq_length=seq_length, read_valid=read_valid)
     train_blend = (list(prefixes), list(weights) if weights else None)
-    split_kwargs = (dict(blend_per_split=[train_blend, (list(valid_prefixes), None), None])
+    split_kwargs = (dict(blend_per_split=[train_blend, (list(valid_prefixes), None) if read_valid else None, None])
                     if valid_prefixes else dict(blend=train_blend, split=split))
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, tokenizer=tokenizer,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, path_to_cache=os.path.join(cache_dir, "indices"),
         **split_kwargs)
-    sizes = [num_train_samples, num_valid_samples or None, None]
+    if not valid_prefixes:      # the same documents per split; Megatron skips the splits set to None
+        config.split_matrix = [config.split_matrix[0], config.split_matrix[1] if read_valid else None, None]
+    sizes = [num_train_samples, num_valid_samples, 0]      # a weighted blend needs a size for every split
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
-    if train is None or len(train) == 0:
-        raise ValueError(f"the training split of {prefixes} is empty (data.split={split!r})")
-    if num_valid_samples and (valid is None or len(valid) == 0):
-        raise ValueError(f"the validation split is empty (data.split={split!r}); set "
-                         "data.split or data.valid_prefixes, or train.eval_interval=0")
-    return train, (valid if num_valid_samples else None)
+    return train, valid if read_valid else None
 
 
 def get_micro_batch(dataset, first_sample: int, micro_batch_size: int,

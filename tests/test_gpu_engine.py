@@ -25,7 +25,8 @@ from megatron.core.pipeline_parallel.schedules import get_tensor_shapes
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_s2.context_parallel import split_batch_for_cp
-from megatron_s2.training.config import PretrainConfig
+from megatron_s2.training import pretrain, validate
+from megatron_s2.training.config import PretrainConfig, compose_config
 from megatron_s2.training.engine import schedule_shape, set_schedule_hooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,9 +162,6 @@ def test_gpu_training_resumes_on_the_straight_runs_losses(tmp_path):
     resumed to 40, against 40 steps straight. The two runs' first 30 steps did the same work: if
     they are bit-identical (deterministic kernels), steps 31-40 must be too; otherwise they agree
     to bf16 run-to-run noise."""
-    from megatron_s2.training import pretrain, validate
-    from megatron_s2.training.config import compose_config
-
     def run(run_dir, iters):
         overrides = ["train.device=cuda", "train.precision=bf16", f"train.iters={iters}",
                      "train.lr_decay_iters=40", "train.eval_interval=0", "logging.interval=1",

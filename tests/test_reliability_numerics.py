@@ -1,7 +1,7 @@
 """Numerical trouble and determinism on the CPU path: a NaN gradient injected through
 debug.inject_nan_at_iters is caught before the optimizer step (policy stop or skip, diagnostics
 naming the parameter), a skipped step leaves weights and optimizer state untouched, two runs with
-one seed are bit-identical, and a NaN on one data-parallel rank stops every rank (torchrun)."""
+one seed are bit-identical, and a NaN on one data-parallel rank is skipped by every rank (torchrun)."""
 import json
 import math
 import os
@@ -16,6 +16,7 @@ from megatron_s2.training.checkpoint import complete_checkpoints
 from test_train_loop import PRETRAIN, TINY, _env, _records, _run
 
 NAN_PARAM = "decoder.layers.1.mlp.linear_fc1.weight"
+SKIP_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiproc", "skip_step_worker.py")
 SCHEDULE = ["train.lr_decay_iters=8"]       # the same lr at every step, whatever train.iters is
 
 
@@ -85,14 +86,17 @@ def test_skip_counts_and_stops_after_k_in_a_row(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_nan_on_one_rank_skips_on_every_rank(tmp_path, cache_dir):
     """dp=2: rank 0's gradient is poisoned after the data-parallel all-reduce, so rank 1 sees a
-    finite loss and norm of its own; both skip the step (a rank that stepped alone would leave the
-    collectives out of order and the run would fail), and the run completes."""
+    finite loss and norm of its own; both skip the step and the run completes. Every rank's
+    parameters, recorded before each step, show it: step 1 (full lr, no warmup) changed them, step
+    2 did not, and the two ranks hold the same parameters throughout (a rank that stepped alone
+    would differ)."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", PRETRAIN,
-         *TINY, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.iters=3",
-         "train.on_non_finite=skip", "debug.inject_nan_at_iters=[2]", "parallel.distributed_timeout_minutes=1"],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SKIP_WORKER,
+         str(tmp_path / "params"), *TINY, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.iters=3",
+         "train.warmup_iters=0", "train.on_non_finite=skip", "debug.inject_nan_at_iters=[2]",
+         "parallel.distributed_timeout_minutes=1"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = _report(run_dir, 2)
     assert list(report["non_finite_grads"]) == ["rank 0"]
@@ -100,3 +104,11 @@ def test_nan_on_one_rank_skips_on_every_rank(tmp_path, cache_dir):
     records = _records(run_dir)
     assert [r["iteration"] for r in records if "skipped_steps" in r] == [2]
     assert [r["iteration"] for r in records if "loss" in r] == [1, 3]
+
+    ranks = [torch.load(tmp_path / f"params.rank{r}.pt") for r in (0, 1)]
+    for before_step in ranks:
+        assert len(before_step) == 3
+        assert any(not torch.equal(before_step[0][k], before_step[1][k]) for k in before_step[0])   # step 1
+        assert all(torch.equal(before_step[1][k], before_step[2][k]) for k in before_step[1])       # skipped
+    for step in range(3):
+        assert all(torch.equal(ranks[0][step][k], ranks[1][step][k]) for k in ranks[0][step]), step

@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron_s2.training.checkpoint import complete_checkpoints
-from test_train_loop import PRETRAIN, TINY, _env, _records, _run
+from test_train_loop import TINY, _env, _records, _run
 
 NAN_PARAM = "decoder.layers.1.mlp.linear_fc1.weight"
 SKIP_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiproc", "skip_step_worker.py")

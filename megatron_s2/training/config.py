@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
 
 from .data import check_indexed_dataset, load_tokenizer
-from .errors import ConfigError
+from .errors import ConfigError, require
 
 
 # The S2 pattern's schema is S2AttentionConfig's own fields, unfrozen so that recipes and
@@ -297,8 +297,9 @@ def register_configs() -> None:
 
 def compose_config(overrides: list[str] = (), recipe: str = "tiny",
                    recipes_dir: str = RECIPES_DIR) -> DictConfig:
-    """The composed (not yet validated) config of a recipe with command-line style overrides,
-    outside a Hydra app (tests, notebooks)."""
+    """The composed (not yet validated) config of a recipe with command-line style overrides
+    (the command line, tests, notebooks). Hydra's errors propagate (the CLI turns them into one
+    line)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
@@ -314,7 +315,8 @@ STABLE_KEYS = ("model.*", "attention.layout", "attention.s2.*", "parallel.tp", "
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """First line of each field's docstring (the string literal under the field) in ``cls``'s source."""
+    """The first paragraph of each field's docstring (the string literal under the field) in
+    ``cls``'s source; S2Schema's come from S2AttentionConfig."""
     source = S2AttentionConfig if cls is S2Schema else cls
     tree = ast.parse(textwrap.dedent(inspect.getsource(source)))
     body, docs = tree.body[0].body, {}
@@ -339,11 +341,6 @@ def schema_keys(cls=PretrainConfig, prefix: str = "") -> dict[str, str]:
 
 
 # -- refusals ------------------------------------------------------------------------------------
-
-def _require(ok: bool, key: str, value, reason: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, reason)
-
 
 def _lookup(cfg, key: str):
     """The value at a dotted key, e.g. data.prefixes[1]."""
@@ -423,58 +420,58 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
                     "logging.interval", "checkpoint.keep_last", "train.max_consecutive_skips",
                     "model.make_vocab_size_divisible_by")
     for key in at_least_one + (("train.global_batch_size",) if t.global_batch_size is not None else ()):
-        _require(_lookup(cfg, key) >= 1, key, _lookup(cfg, key), "must be >= 1")
+        require(_lookup(cfg, key) >= 1, key, _lookup(cfg, key), "must be >= 1")
     for key in ("train.warmup_iters", "train.eval_interval", "train.eval_iters", "checkpoint.interval",
                 "train.clip_grad", "train.weight_decay", "train.min_lr"):
-        _require(_lookup(cfg, key) >= 0, key, _lookup(cfg, key), "must be >= 0")
-    _require(all(i >= 1 for i in cfg.debug.inject_nan_at_iters), "debug.inject_nan_at_iters",
+        require(_lookup(cfg, key) >= 0, key, _lookup(cfg, key), "must be >= 0")
+    require(all(i >= 1 for i in cfg.debug.inject_nan_at_iters), "debug.inject_nan_at_iters",
              cfg.debug.inject_nan_at_iters, "must hold optimizer steps >= 1")
-    _require(p.distributed_timeout_minutes > 0, "parallel.distributed_timeout_minutes",
+    require(p.distributed_timeout_minutes > 0, "parallel.distributed_timeout_minutes",
              p.distributed_timeout_minutes, "must be > 0")
-    _require(t.lr >= t.min_lr, "train.lr", t.lr, f"must be >= train.min_lr ({t.min_lr})")
+    require(t.lr >= t.min_lr, "train.lr", t.lr, f"must be >= train.min_lr ({t.min_lr})")
     if m.num_query_groups is None:
         m.num_query_groups = m.num_attention_heads
-    _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
+    require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
              f"must be a multiple of model.num_attention_heads ({m.num_attention_heads})")
 
     # Parallel layout and batch arithmetic.
     model_parallel = p.tp * p.cp * p.pp
     key = next(k for k in ("parallel.tp", "parallel.cp", "parallel.pp") if _lookup(cfg, k) > 1) \
         if model_parallel > 1 else "parallel.tp"
-    _require(world_size % model_parallel == 0, key, _lookup(cfg, key),
+    require(world_size % model_parallel == 0, key, _lookup(cfg, key),
              f"the world size ({world_size}) must be a multiple of parallel.tp * parallel.cp * "
              f"parallel.pp ({p.tp} * {p.cp} * {p.pp} = {model_parallel}); launch a multiple of "
              f"{model_parallel} processes or change the parallel sizes")
     dp = world_size // model_parallel
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
-    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+    require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
              t.global_batch_size,
              f"must be a multiple of train.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
              f"(dp {dp} = world size {world_size} / tp*cp*pp {model_parallel}); or set it to null for "
              f"micro_batch_size x dp = {t.micro_batch_size * dp}")
-    _require(p.pp == 1 or m.num_layers % p.pp == 0, "parallel.pp", p.pp,
+    require(p.pp == 1 or m.num_layers % p.pp == 0, "parallel.pp", p.pp,
              f"model.num_layers ({m.num_layers}) must be a multiple of it")
 
     # Device and precision.
     if t.device == Device.auto:
         t.device = Device.cuda if torch.cuda.is_available() else Device.cpu
-    _require(t.device != Device.cuda or torch.cuda.is_available(), "train.device", t.device,
+    require(t.device != Device.cuda or torch.cuda.is_available(), "train.device", t.device,
              "torch sees no CUDA device; use train.device=auto or cpu")
     if t.precision == Precision.auto:
         t.precision = Precision.bf16 if t.device == Device.cuda else Precision.fp32
     if t.device == Device.cpu:
-        _require(t.precision == Precision.fp32, "train.precision", t.precision,
+        require(t.precision == Precision.fp32, "train.precision", t.precision,
                  "the cpu path trains in fp32; use train.precision=fp32 (or auto)")
-        _require(p.pp == 1, "parallel.pp", p.pp, "pipeline parallelism needs the cuda path (Megatron's "
+        require(p.pp == 1, "parallel.pp", p.pp, "pipeline parallelism needs the cuda path (Megatron's "
                                                  "pipeline schedules); the cpu path supports tp, cp and dp")
-        _require(not p.sequence_parallel, "parallel.sequence_parallel", True, "needs the cuda path")
-    _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
+        require(not p.sequence_parallel, "parallel.sequence_parallel", True, "needs the cuda path")
+    require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
 
     # Schedule: a warmup that does not fit (a short run from the command line) is clamped.
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.iters
-    _require(t.lr_decay_iters >= 1, "train.lr_decay_iters", t.lr_decay_iters, "must be >= 1")
+    require(t.lr_decay_iters >= 1, "train.lr_decay_iters", t.lr_decay_iters, "must be >= 1")
     if t.warmup_iters >= t.lr_decay_iters:
         clamped = t.lr_decay_iters // 10
         note(f"train.warmup_iters={t.warmup_iters} does not fit before train.lr_decay_iters="
@@ -495,19 +492,19 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
                               context_parallel_size=p.cp)
 
     # Data.
-    _require(d.weights is None or len(d.weights) == len(d.prefixes), "data.weights", d.weights,
+    require(d.weights is None or len(d.weights) == len(d.prefixes), "data.weights", d.weights,
              f"needs one weight per data.prefixes entry ({len(d.prefixes)})")
-    _require(not d.valid_prefixes or d.prefixes, "data.valid_prefixes", d.valid_prefixes,
+    require(not d.valid_prefixes or d.prefixes, "data.valid_prefixes", d.valid_prefixes,
              "needs data.prefixes (the training data) too")
     for key, prefixes in (("data.prefixes", d.prefixes), ("data.valid_prefixes", d.valid_prefixes)):
         for i, prefix in enumerate(prefixes):
             with _refusals_of(cfg, f"{key}[{i}]"):
                 check_indexed_dataset(prefix, f"{key}[{i}]")
-    _require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer), "data.tokenizer", d.tokenizer,
+    require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer), "data.tokenizer", d.tokenizer,
              "must be 'byte' or a local Hugging Face tokenizer directory")
     if d.loss_token_ids is not None:
         vocab_size = load_tokenizer(d.tokenizer).vocab_size
-        _require(len(d.loss_token_ids) > 0 and all(0 <= i < vocab_size for i in d.loss_token_ids),
+        require(len(d.loss_token_ids) > 0 and all(0 <= i < vocab_size for i in d.loss_token_ids),
                  "data.loss_token_ids", d.loss_token_ids,
                  f"must be null or a non-empty list of token ids in [0, {vocab_size}) (data.tokenizer "
                  f"{d.tokenizer})")
@@ -515,7 +512,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.checkpoint.dir is not None:
         cfg.checkpoint.dir = os.path.abspath(cfg.checkpoint.dir)
-    _require(cfg.logging.peak_tflops_per_device is None or cfg.logging.peak_tflops_per_device > 0,
+    require(cfg.logging.peak_tflops_per_device is None or cfg.logging.peak_tflops_per_device > 0,
              "logging.peak_tflops_per_device", cfg.logging.peak_tflops_per_device, "must be > 0 or null")
     return cfg
 

@@ -33,5 +33,11 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={show_value(value)}: {reason}")
 
 
+def require(ok: bool, key: str, value, reason: str) -> None:
+    """Raise ConfigError(key, value, reason) unless ``ok``."""
+    if not ok:
+        raise ConfigError(key, value, reason)
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run; str() says where it stopped and how to resume."""

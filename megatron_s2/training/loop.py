@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from .config import Device, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
 from .data import build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start
 from .engine import CpuEngine, GpuEngine
-from .errors import ConfigError, RunInterrupted
+from .errors import RunInterrupted, require
 from .metrics import MetricsLogger, say
 
 
@@ -51,13 +51,8 @@ def _check_writable(key: str, path: str) -> None:
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    _refuse(os.path.isdir(existing), key, path, f"{existing} is not a directory")
-    _refuse(os.access(existing, os.W_OK | os.X_OK), key, path, f"{existing} is not writable")
-
-
-def _refuse(ok: bool, key: str, value, reason: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, reason)
+    require(os.path.isdir(existing), key, path, f"{existing} is not a directory")
+    require(os.access(existing, os.W_OK | os.X_OK), key, path, f"{existing} is not writable")
 
 
 def preflight(cfg: PretrainConfig, world_size: int) -> tuple[str, int] | None:
@@ -72,7 +67,7 @@ def preflight(cfg: PretrainConfig, world_size: int) -> tuple[str, int] | None:
     if not existing:
         return None
     iteration, path = existing[-1]
-    _refuse(cfg.checkpoint.resume, "checkpoint.resume", False,
+    require(cfg.checkpoint.resume, "checkpoint.resume", False,
             f"{cfg.checkpoint_dir} holds checkpoints (newest {os.path.basename(path)}); use a new run.dir "
             "or checkpoint.dir, or delete them")
     vocab_size = padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)

@@ -1,19 +1,25 @@
-"""Faults: a rank killed mid-training (torchrun, gloo) fails the job fast and the next launch
-resumes from the newest complete checkpoint on the uninterrupted run's losses; a full disk during
-a save raises a clear error and keeps the last complete checkpoint, which the next launch resumes.
+"""Faults and resumes: a run stopped and resumed (a checkpoint, SIGTERM, a rank killed mid-training
+under torchrun) continues on the uninterrupted run's losses, bit for bit, with dropout on, so the
+random state every step draws from must come back too (a reseed instead fails these tests); a
+killed rank fails the job fast; a full disk during a save raises a clear error and keeps the last
+complete checkpoint, which the next launch resumes.
 (A kill during a save: tests/test_train_loop.py::test_kill_during_save_keeps_previous_checkpoint.)"""
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
+from megatron_s2.training import checkpoint as ckpt
 from megatron_s2.training.checkpoint import CheckpointSaveError, complete_checkpoints
 from test_train_loop import PRETRAIN, TINY, _env, _records, _run
 
 SCHEDULE = ["train.lr_decay_iters=8"]
+DROPOUT = "model.hidden_dropout=0.1"      # every step draws from the RNG
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,52 @@ def _losses(run_dir) -> dict[int, float]:
 def _torchrun_command(run_dir, cache_dir, *overrides) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", PRETRAIN,
             *TINY, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "checkpoint.interval=2",
-            "parallel.distributed_timeout_minutes=1", *SCHEDULE, *overrides]
+            "parallel.distributed_timeout_minutes=1", DROPOUT, *SCHEDULE, *overrides]
+
+
+def test_resume_with_dropout_is_exact_and_needs_the_saved_rng(tmp_path, cache_dir, monkeypatch):
+    """Stopped at 3 and resumed to 6 == 6 straight, with dropout; the same resume with the RNG
+    reseeded instead of restored leaves the straight run's track at step 4."""
+    overrides = ["checkpoint.interval=3", DROPOUT, *SCHEDULE]
+    _run(tmp_path / "straight", cache_dir, "train.iters=6", *overrides)
+    _run(tmp_path / "resumed", cache_dir, "train.iters=3", *overrides)
+    shutil.copytree(tmp_path / "resumed", tmp_path / "reseeded")
+    _run(tmp_path / "resumed", cache_dir, "train.iters=6", *overrides)
+    straight = _losses(tmp_path / "straight")
+    assert sorted(straight) == list(range(1, 7)) and _losses(tmp_path / "resumed") == straight
+
+    monkeypatch.setattr(ckpt, "set_rng_state", lambda state: torch.manual_seed(1234))
+    _run(tmp_path / "reseeded", cache_dir, "train.iters=6", *overrides)
+    reseeded = _losses(tmp_path / "reseeded")
+    assert [reseeded[i] == straight[i] for i in range(1, 7)] == [True] * 3 + [False] * 3
+
+
+def test_sigterm_stop_resumes_on_the_straight_run(tmp_path, cache_dir):
+    """SIGTERM after the first logged step: the run saves where it stopped and exits 0; the next
+    launch resumes there and ends on the uninterrupted run's losses (dropout on)."""
+    overrides = ["train.iters=30", "train.lr_decay_iters=30", DROPOUT]
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, PRETRAIN, *TINY, *overrides, f"run.dir={run_dir}",
+                                f"data.cache_dir={cache_dir}"],
+                               env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:         # the first logged step, then SIGTERM
+            if line.startswith("iter "):
+                process.send_signal(signal.SIGTERM)
+                break
+        output = process.stdout.read()
+        assert process.wait(timeout=120) == 0
+    finally:
+        process.kill()
+    assert "SIGTERM: stopped after iteration" in output, output
+    stopped_at = int(output.split("SIGTERM: stopped after iteration")[1].split()[0])
+    assert 1 <= stopped_at < 30
+    assert [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))] == [stopped_at]
+
+    resumed = _run(run_dir, cache_dir, *overrides)
+    _run(tmp_path / "straight", cache_dir, *overrides)
+    assert resumed["iteration"] == 30
+    assert _losses(run_dir) == _losses(tmp_path / "straight")
 
 
 def _worker_pid(launcher_pid: int, local_rank: int) -> int:

@@ -3,7 +3,8 @@
 Every backend has the signature ``fn(q, k, v, layout, softmax_scale, head_offset, q_offset,
 kv_offset) -> (out, lse)`` and is differentiable in q, k, v through both outputs. Empty inputs (no
 query, or no key) are answered here, the same whatever the backend, so backends see only
-non-empty ones.
+non-empty ones. Packed (THD) input with ``cu_seqlens`` is answered here too: each document goes
+through the backend on its own slice, so every backend supports packing unchanged.
 """
 from __future__ import annotations
 
@@ -81,8 +82,59 @@ def _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend) -> Non
              f"{name} must be a non-negative multiple of block_size ({layout.block_size}), got {off!r}")
 
 
+def _document_bounds(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, q_offset, kv_offset):
+    """Check packed (THD) input; return [(q_start, q_end, kv_start, kv_end)] per document.
+
+    One host sync: both ``cu_seqlens`` are read back to the host with a single ``.tolist()``.
+    """
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+
+    need(cu_seqlens_q is not None and cu_seqlens_kv is not None,
+         "cu_seqlens_q and cu_seqlens_kv must be given together (both None for [batch, seq, heads, head_dim] input)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        need(isinstance(t, torch.Tensor) and t.dim() == 3,
+             f"{name} must be a 3-d tensor [total_tokens, heads, head_dim] with cu_seqlens, got "
+             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    need(q_offset == 0 and kv_offset == 0,
+         f"q_offset and kv_offset must be 0 with cu_seqlens (every document starts at position 0), "
+         f"got {q_offset!r} and {kv_offset!r}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_kv", cu_seqlens_kv)):
+        need(isinstance(cu, torch.Tensor), f"{name} must be a tensor, got {type(cu).__name__}")
+        need(cu.dtype == torch.int32, f"{name} must be int32, got {cu.dtype}")
+        need(cu.device == q.device, f"{name} must be on q's device ({q.device}), got {cu.device}")
+        need(cu.dim() == 1 and cu.numel() >= 2, f"{name} must be 1-d [num_docs + 1] with num_docs >= 1, "
+                                                f"got shape {tuple(cu.shape)}")
+    need(cu_seqlens_q.numel() == cu_seqlens_kv.numel(),
+         f"cu_seqlens_q and cu_seqlens_kv must count the same documents, got {cu_seqlens_q.numel() - 1} "
+         f"and {cu_seqlens_kv.numel() - 1}")
+    cu_q, cu_kv = torch.stack((cu_seqlens_q, cu_seqlens_kv)).tolist()          # the host sync
+    for name, cu, total, max_name, max_len in (("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
+                                               ("cu_seqlens_kv", cu_kv, k.shape[0], "max_seqlen_kv", max_seqlen_kv)):
+        need(cu[0] == 0, f"{name} must start at 0, got {cu[0]}")
+        drop = next((i for i in range(len(cu) - 1) if cu[i] > cu[i + 1]), None)
+        if drop is not None:
+            raise ValueError(f"{name} must be non-decreasing, got {name}[{drop}]={cu[drop]} > "
+                             f"{name}[{drop + 1}]={cu[drop + 1]}")
+        need(cu[-1] == total, f"{name} must end at the token count ({total}), got {cu[-1]}")
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        need(max_len is None or (isinstance(max_len, int) and max_len >= longest),
+             f"{max_name} must be None or an int >= the longest document ({longest}), got {max_len!r}")
+    return list(zip(cu_q[:-1], cu_q[1:], cu_kv[:-1], cu_kv[1:]))
+
+
+def _attend(q, k, v, layout, softmax_scale, head_offset, q_offset, kv_offset, backend):
+    """(out, lse) of validated [b, s, h, d] input: empty input answered here, else the backend."""
+    if min(q.shape[0], q.shape[1], k.shape[1]) == 0:
+        return _NoKeySeen.apply(q, k, v)
+    return _backend_fn(backend)(q, k, v, layout, softmax_scale, head_offset, q_offset, kv_offset)
+
+
 def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, head_offset: int = 0,
-                 q_offset: int = 0, kv_offset: int = 0, return_lse: bool = False, backend: str = "auto"):
+                 q_offset: int = 0, kv_offset: int = 0, return_lse: bool = False, backend: str = "auto",
+                 cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_kv: torch.Tensor | None = None,
+                 max_seqlen_q: int | None = None, max_seqlen_kv: int | None = None):
     """S2 block-sparse causal attention.
 
     q: [batch, s_q, heads, head_dim]; k, v: [batch, s_kv, kv_heads, head_dim] (any strides).
@@ -90,19 +142,40 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
     first query / key token (multiples of block_size). Returns out like q, and with ``return_lse``
     also lse [batch, heads, s_q], float32 (float64 for float64 inputs); natural log.
 
+    Packed documents (THD, FlashAttention's varlen convention): with ``cu_seqlens_q`` and
+    ``cu_seqlens_kv`` (int32 [num_docs + 1] on q's device, cumulative token counts from 0 to the
+    token count), q is [total_q, heads, head_dim], k, v [total_kv, kv_heads, head_dim], out is
+    like q and lse [heads, total_q]. Document i is q[cu_seqlens_q[i]:cu_seqlens_q[i+1]] against
+    the same slice of k, v by cu_seqlens_kv, attended exactly as its own sequence starting at
+    position 0: S2 blocks start at its first token, causality holds inside it, nothing crosses a
+    document boundary. Zero-length documents (repeated entries) are allowed; a query document
+    whose key document is empty gets out 0, lse -inf. q_offset and kv_offset must be 0.
+    max_seqlen_q / max_seqlen_kv (optional, FlashAttention's names) must bound the longest
+    document. Cost: one host sync (cu_seqlens read back once), then each document runs through
+    the backend on a [1, len, heads, head_dim] view of its slice (no copy) and the results are
+    concatenated; work is the sum of per-document work, less than the unmasked pack.
+
     A query that sees no key gets out 0 and lse -inf; so do all queries when s_kv is 0, and batch 0
     or s_q 0 give empty out and lse, on every backend. backend "auto": Triton for CUDA tensors of a
     dtype, head_dim and block_size the kernels are built for (``_triton_supports``), else torch.
-    Bad input raises ValueError naming it.
+    Bad input raises ValueError naming it (the offending cu_seqlens argument included).
     """
-    _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend)
-    if min(q.shape[0], q.shape[1], k.shape[1]) == 0:
-        out, lse = _NoKeySeen.apply(q, k, v)
-        return (out, lse) if return_lse else out
+    packed = cu_seqlens_q is not None or cu_seqlens_kv is not None
+    if packed:
+        documents = _document_bounds(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
+                                     q_offset, kv_offset)
+        _validate(q[None], k[None], v[None], layout, head_offset, q_offset, kv_offset, backend)
+    else:
+        _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend)
     if backend == "auto":
         backend = ("triton" if q.is_cuda and _triton_supports(q.dtype, q.shape[-1], layout.block_size)
                    else "torch")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _backend_fn(backend)(q, k, v, layout, float(softmax_scale), head_offset, q_offset, kv_offset)
+    softmax_scale = float(1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale)
+    if not packed:
+        out, lse = _attend(q, k, v, layout, softmax_scale, head_offset, q_offset, kv_offset, backend)
+        return (out, lse) if return_lse else out
+    parts = [_attend(q[q0:q1][None], k[k0:k1][None], v[k0:k1][None], layout, softmax_scale, head_offset, 0, 0, backend)
+             for q0, q1, k0, k1 in documents]
+    out = torch.cat([o[0] for o, _ in parts])                   # [total_q, heads, head_dim]
+    lse = torch.cat([l[0] for _, l in parts], dim=1)            # [heads, total_q]
     return (out, lse) if return_lse else out

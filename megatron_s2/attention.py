@@ -5,10 +5,18 @@ Both take Megatron's core-attention constructor and forward signatures, so Megat
 ``SelfAttention`` builds and calls them unchanged: q, k, v arrive as [s, b, heads, head_dim] with
 this TP rank's heads (K/V with its kv groups), the output is [s, b, heads * head_dim].
 
+Packed sequences: with Megatron's ``PackedSeqParams`` (qkv_format "thd"), q, k, v arrive as
+[t, heads, head_dim] (or [t, 1, heads, head_dim]) for a pack of t tokens with document boundaries
+``cu_seqlens_q`` (int32 [num_docs + 1]); each document is attended as its own sequence from
+position 0 (S2 blocks relative to its first token, nothing across documents) and the output is
+[t, heads * head_dim], as TransformerEngine returns it. Megatron's ``apply_rotary_pos_emb``
+already restarts RoPE positions per document under thd.
+
 Limits (each raises ValueError when asked for): causal self-attention only, no attention dropout,
-no attention bias, no packed sequences, no Megatron sliding window, vanilla softmax.
-``attention_mask`` is ignored, as TransformerEngine ignores it for ``AttnMaskType.causal``:
-causality comes from the mask type.
+no attention bias, no Megatron sliding window, vanilla softmax; packed sequences need equal
+``cu_seqlens_q`` and ``cu_seqlens_kv``, no padded cu_seqlens that differ from them, and no context
+parallelism. ``attention_mask`` is ignored, as TransformerEngine ignores it for
+``AttnMaskType.causal``: causality comes from the mask type.
 
 Context parallelism: each rank holds two chunks of the sequence (Megatron's order); the keys of
 the other ranks arrive through ``megatron_s2.context_parallel`` (all-gather, or for S2 layers only
@@ -72,7 +80,8 @@ class _CausalCoreAttention(MegatronModule):
         _require(attn_mask_type in (None, AttnMaskType.causal),
                  f"{name}: attn_mask_type must be causal, got {attn_mask_type}")
         _require(attention_bias is None, f"{name}: attention_bias is not supported")
-        _require(packed_seq_params is None, f"{name}: packed sequences (packed_seq_params) are not supported")
+        if packed_seq_params is not None:
+            return self._forward_packed(query, key, value, packed_seq_params)
         s, b, heads, d = query.shape
         _require(heads == self.num_heads, f"{name}: expected {self.num_heads} query heads on this rank, got {heads}")
         q_bshd, k_bshd, v_bshd = (t.transpose(0, 1) for t in (query, key, value))
@@ -84,6 +93,31 @@ class _CausalCoreAttention(MegatronModule):
             out_bshd = cp_attention(self.attend, q_bshd, k_bshd, v_bshd, geo, self.cp_group,
                                     layout=self.cp_layout, head_offset=self.head_offset, exchange=self.cp_exchange)
         return out_bshd.transpose(0, 1).reshape(s, b, heads * d)
+
+    def _forward_packed(self, query, key, value, packed) -> torch.Tensor:
+        """THD pack [t, heads, head_dim] (or [t, 1, heads, head_dim]) -> [t, heads * head_dim]."""
+        name = type(self).__name__
+        _require(packed.qkv_format == "thd",
+                 f"{name}: packed_seq_params.qkv_format must be 'thd', got {packed.qkv_format!r}")
+        _require(self.cp_size == 1, f"{name}: packed sequences (packed_seq_params) are not supported with "
+                                    f"context parallelism (context_parallel_size {self.cp_size})")
+        cu = packed.cu_seqlens_q
+        for field in ("cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            other = getattr(packed, field)
+            _require(other is None or other is cu or (other.shape == cu.shape and torch.equal(other, cu)),
+                     f"{name}: packed_seq_params.{field} must equal cu_seqlens_q (self-attention, no padding)")
+        if query.dim() == 4:
+            _require(query.shape[1] == 1, f"{name}: a thd pack has batch 1, got q of shape {tuple(query.shape)}")
+            query, key, value = (t.squeeze(1) for t in (query, key, value))
+        t, heads, d = query.shape
+        _require(heads == self.num_heads, f"{name}: expected {self.num_heads} query heads on this rank, got {heads}")
+        max_seqlen = packed.max_seqlen_q if packed.max_seqlen_q is not None else packed.max_seqlen_kv
+        return self.attend_packed(query, key, value, cu, max_seqlen).reshape(t, heads * d)
+
+    def attend_packed(self, q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor,
+                      cu_seqlens: torch.Tensor, max_seqlen: int | None) -> torch.Tensor:
+        """Causal attention inside each document of a THD pack (documents by ``cu_seqlens``)."""
+        raise NotImplementedError
 
     # Under context parallelism: the block granularity of the chunks, the S2 layout that enables
     # the sparse exchange (None: all-gather), and the exchange to use.
@@ -119,6 +153,12 @@ class S2CoreAttention(_CausalCoreAttention):
         return s2_attention(q_bshd, k_bshd, v_bshd, self.layout, softmax_scale=self.softmax_scale,
                             head_offset=self.head_offset, q_offset=q_offset)
 
+    def attend_packed(self, q_thd, k_thd, v_thd, cu_seqlens, max_seqlen):
+        # documents need not be multiples of block_size: blocks restart at each document
+        return s2_attention(q_thd, k_thd, v_thd, self.layout, softmax_scale=self.softmax_scale,
+                            head_offset=self.head_offset, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
 
 class DenseCoreAttention(_CausalCoreAttention):
     """Dense causal attention through ``torch.nn.functional.scaled_dot_product_attention`` (its
@@ -131,3 +171,13 @@ class DenseCoreAttention(_CausalCoreAttention):
         out_bhsd = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale,
                                                   enable_gqa=q.shape[1] != k.shape[1], **causal)
         return out_bhsd.transpose(1, 2)
+
+    def attend_packed(self, q_thd, k_thd, v_thd, cu_seqlens, max_seqlen):
+        """One causal SDPA call per document (one host sync to read ``cu_seqlens``)."""
+        bounds = cu_seqlens.tolist()
+        _require(len(bounds) >= 2 and bounds[0] == 0 and bounds[-1] == q_thd.shape[0] and bounds == sorted(bounds),
+                 f"DenseCoreAttention: cu_seqlens_q must rise from 0 to the token count ({q_thd.shape[0]}), "
+                 f"got {bounds}")
+        parts = [self.attend(q_thd[a:b][None], k_thd[a:b][None], v_thd[a:b][None], 0)[0]
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts)

@@ -1,5 +1,6 @@
 """Packed documents (Megatron's PackedSeqParams, qkv_format "thd") through the core-attention
-modules and the hybrid GPT model, in one process (gloo, TP=1, CPU).
+modules and the hybrid GPT model, in one process (gloo, TP=1, CPU), and the FLOPs model's count
+of within-document blocks.
 
 The model-level oracle is the same documents run one by one as ordinary [1, len] sequences: a pack
 must give the same per-token loss and the same parameter gradients. Documents there are multiples
@@ -7,6 +8,7 @@ of the block size, since the unpacked S2 path takes only those; block boundaries
 block-aligned inside a pack are covered at the kernel level (test_varlen_attention).
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_s2 import DenseCoreAttention, S2AttentionConfig, S2CoreAttention, build_gpt_model
+from megatron_s2 import (DenseCoreAttention, S2AttentionConfig, S2CoreAttention, build_gpt_model,
+                         training_flops_per_token)
 from megatron_s2.parallel import model_parallel_session
 from s2attn.reference import reference_document_attention
 
@@ -119,3 +122,28 @@ def test_packed_batch_equals_documents_one_by_one(layout):
     model.zero_grad()
     whole = model(tokens[None], torch.arange(sum(DOCS))[None], None, labels=labels[None])[0].detach()
     assert not torch.allclose(whole[DOCS[0]:], packed_loss[DOCS[0]:], atol=1e-3)
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------
+def test_flops_count_only_within_document_blocks():
+    """By hand: attention FLOPs of a pack are the sum of its documents' block pairs (partial blocks
+    in full); one document of seq_length gives the unpacked figure; the linear part is unchanged."""
+    config, seq, vocab = make_config(2), 128, VOCAB
+    whole = training_flops_per_token(config, "SD", S2, seq, vocab)
+    assert training_flops_per_token(config, "SD", S2, seq, vocab, document_lengths=[seq]) == whole
+    docs = [40, 0, 64, 24]                                   # 3, 0, 4, 2 blocks
+    packed = training_flops_per_token(config, "SD", S2, seq, vocab, document_lengths=docs)
+    layout, d, heads = S2.to_layout(8, 4), 8, 8
+    per_pair = 4 * d * 16 * 16 / seq                         # per query head and block pair, per token
+    sparse_pairs = sum(layout.block_mask(n, n).sum().item() for n in (3, 4, 2))   # over all heads
+    dense_pairs = heads * sum(n * (n + 1) / 2 for n in (3, 4, 2))
+    whole_sparse = layout.block_mask(8, 8).sum().item()
+    whole_dense = heads * 8 * 9 / 2
+    assert math.isclose(whole.sparse - packed.sparse, 3 * per_pair * (whole_sparse - sparse_pairs + whole_dense - dense_pairs))
+    assert math.isclose(whole.dense_equivalent - packed.dense_equivalent, 3 * 2 * per_pair * (whole_dense - dense_pairs))
+
+
+@pytest.mark.parametrize("docs", [[64, 60], [64, -1, 65], [64.0, 64]])
+def test_flops_refuse_bad_document_lengths(docs):
+    with pytest.raises(ValueError, match=r"document_lengths must be non-negative integers summing to seq_length \(128\)"):
+        training_flops_per_token(make_config(2), "SD", S2, 128, VOCAB, document_lengths=docs)

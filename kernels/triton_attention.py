@@ -17,9 +17,14 @@ How:
 - Forward: one program per (query tile, batch, head) runs an online softmax over its kv tiles.
 - Backward: a preprocess computes ``Delta = rowsum(O * dO) - dlse`` (the ``- dlse`` term carries
   the gradient of ``lse``); dQ is computed by rows (one program per query tile) and dK/dV by
-  columns (one program per kv tile of a kv head, walking the query heads of its group in a fixed
-  order, each with its own tile list and mask), so each gradient element has one writer:
-  deterministic, no atomics, GQA without expanding K/V.
+  columns. A kv tile's dK/dV work is the concatenation, over the query heads of its kv head in a
+  fixed order, of their visited query tiles (each head with its own list and mask). A strided key
+  tile is read by every later query tile, a local-only one by a window's worth, so that work is
+  cut into chunks of bounded length (``_DkdvWork``, the bound from the index); a tile's only chunk
+  writes dK/dV, the chunks of a split tile write fp32 partials that a reduce kernel sums in chunk
+  order. Each gradient element has one writer and a fixed summation order: deterministic, no
+  atomics, GQA without expanding K/V. Key tiles that no query reads (context parallelism) get no
+  program.
 
 Limits: head_dim in {16, 32, 64, 128, 256}; block_size 16..128; fp16 / bf16 (fp32 accumulation)
 and fp32 (IEEE dots, slow; meant for the interpreter); the last dim of q, k, v must be contiguous
@@ -73,7 +78,10 @@ class TileConfigs:
     backward_dq: KernelConfig
     """``_s2_backward_dq_kernel``: owns a query tile, visits kv tiles (same tiles as forward)."""
     backward_dkdv: KernelConfig
-    """``_s2_backward_dkdv_kernel``: owns a kv tile, visits query tiles."""
+    """``_s2_backward_dkdv_kernel``: owns a chunk of a kv tile's work, visits query tiles."""
+    backward_dkdv_reduce: KernelConfig
+    """``_s2_backward_dkdv_reduce_kernel``: sums a split kv tile's partials (block_n as dK/dV's;
+    block_m unused)."""
 
 
 # fp16 / bf16 tiles per head_dim (16 and 32 use 64's), before capping the visited side at
@@ -82,11 +90,14 @@ class TileConfigs:
 # sm_80 for three of them).
 _TILES = {
     64: TileConfigs(forward=KernelConfig(128, 64, 4, 3), preprocess=KernelConfig(64, 64, 4, 1),
-                    backward_dq=KernelConfig(128, 64, 8, 3), backward_dkdv=KernelConfig(32, 128, 8, 3)),
+                    backward_dq=KernelConfig(128, 64, 8, 3), backward_dkdv=KernelConfig(32, 128, 8, 3),
+                    backward_dkdv_reduce=KernelConfig(128, 128, 4, 1)),
     128: TileConfigs(forward=KernelConfig(128, 64, 8, 3), preprocess=KernelConfig(64, 64, 4, 1),
-                     backward_dq=KernelConfig(128, 64, 8, 3), backward_dkdv=KernelConfig(32, 64, 8, 3)),
+                     backward_dq=KernelConfig(128, 64, 8, 3), backward_dkdv=KernelConfig(32, 64, 8, 3),
+                     backward_dkdv_reduce=KernelConfig(64, 64, 4, 1)),
     256: TileConfigs(forward=KernelConfig(64, 32, 8, 2), preprocess=KernelConfig(32, 32, 4, 1),
-                     backward_dq=KernelConfig(64, 32, 8, 2), backward_dkdv=KernelConfig(32, 32, 8, 2)),
+                     backward_dq=KernelConfig(64, 32, 8, 2), backward_dkdv=KernelConfig(32, 32, 8, 2),
+                     backward_dkdv_reduce=KernelConfig(32, 32, 4, 1)),
 }
 
 
@@ -110,6 +121,7 @@ def tile_configs(head_dim: int, block_size: int, dtype: torch.dtype) -> TileConf
         forward=replace(tiles.forward, block_n=min(tiles.forward.block_n, block_size)),
         backward_dq=replace(tiles.backward_dq, block_n=min(tiles.backward_dq.block_n, block_size)),
         backward_dkdv=replace(tiles.backward_dkdv, block_m=min(tiles.backward_dkdv.block_m, block_size)),
+        backward_dkdv_reduce=replace(tiles.backward_dkdv_reduce, block_n=tiles.backward_dkdv.block_n),
     )
 
 
@@ -193,6 +205,81 @@ def _sparse_index(layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offse
                         bounds=bounds.view(num_heads, owned, 3).int(), pattern=pattern)
 
 
+DKDV_CHUNK: int | None = None
+"""Entries (visited query tiles) per dK/dV chunk program; None: ``dkdv_chunk_bound`` of the index.
+Tests set a tiny bound to force splitting."""
+_DKDV_MIN_CHUNK = 64
+"""Floor of the chosen bound: a split costs one partial dK/dV write and read (2 fp32 tiles), about
+what a few visits load, so short lists are not shredded."""
+
+
+def dkdv_chunk_bound(work: torch.Tensor) -> int:
+    """Entries per chunk for the per-tile work counts ``work`` (int [kv_heads, kv_tiles]): the
+    mean over tiles with work, at least _DKDV_MIN_CHUNK. Every chunk is then at most the mean, and
+    there are at most twice as many programs as busy tiles, so the heaviest program is at most
+    about 2x the mean program."""
+    busy = work[work > 0]
+    mean = int(-(-int(busy.sum()) // max(1, busy.numel())))
+    return max(_DKDV_MIN_CHUNK, mean)
+
+
+@dataclass(frozen=True)
+class _DkdvWork:
+    """The dK/dV programs: each kv tile's work (over its kv head's query heads, in order, the
+    visited-tile lists of the dK/dV ``_SparseIndex``) cut into near-equal chunks of at most
+    ``chunk_bound`` entries; tiles without work get no program."""
+
+    chunks: torch.Tensor
+    """int32 [programs, 5]: kv tile, local kv head, first and end entry of the chunk in the tile's
+    work, partial slot (-1: the tile's only chunk, which writes dK/dV itself). Longest first."""
+    reduce: torch.Tensor
+    """int32 [split tiles, 4]: kv tile, local kv head, first partial slot, number of slots (the
+    tile's chunks in work order)."""
+    num_partials: int
+    idle_tiles: bool
+    """Some (kv head, kv tile) has no work: dK/dV start zeroed."""
+    chunk_bound: int
+
+
+def _tile_work(bounds: torch.Tensor, kv_heads: int, head_phase: int, group_size: int) -> torch.Tensor:
+    """long [kv_heads, kv_tiles]: entries of every kv tile's work, from a dK/dV index's bounds."""
+    count = (bounds[..., 2] - bounds[..., 0]).long().cpu()               # [heads, kv_tiles]
+    kv_head = (torch.arange(count.shape[0]) + head_phase) // group_size
+    return torch.zeros(kv_heads, count.shape[1], dtype=torch.long).index_add_(0, kv_head, count)
+
+
+def _split_work(work: torch.Tensor, chunk_bound: int, device) -> _DkdvWork:
+    pieces = -(-work // chunk_bound)                                     # 0 for idle tiles
+    c, n = pieces.nonzero(as_tuple=True)
+    p, total = pieces[c, n], work[c, n]
+    tile = torch.repeat_interleave(torch.arange(len(p)), p)              # the tile of each chunk
+    k = torch.arange(len(tile)) - torch.repeat_interleave(torch.cumsum(p, 0) - p, p)
+    lo, hi = k * total[tile] // p[tile], (k + 1) * total[tile] // p[tile]
+    split = p > 1
+    slot_base = torch.cumsum(torch.where(split, p, 0), 0) - torch.where(split, p, 0)
+    slot = torch.where(split[tile], slot_base[tile] + k, -1)
+    chunks = torch.stack([n[tile], c[tile], lo, hi, slot], 1)
+    chunks = chunks[torch.argsort(hi - lo, descending=True, stable=True)]
+    reduce = torch.stack([n, c, slot_base, p], 1)[split]
+    return _DkdvWork(chunks=chunks.int().to(device), reduce=reduce.int().to(device),
+                     num_partials=int(p[split].sum()), idle_tiles=bool((work == 0).any()),
+                     chunk_bound=chunk_bound)
+
+
+@functools.lru_cache(maxsize=64)
+def _dkdv_work(layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offset: int, head_offset: int,
+               num_heads: int, block_m: int, block_n: int, chunk_bound: int | None,
+               device: torch.device) -> tuple[_SparseIndex, _DkdvWork]:
+    """The dK/dV index (arguments as ``_sparse_index``) and its programs; ``chunk_bound`` None
+    chooses it with ``dkdv_chunk_bound``."""
+    index = _sparse_index(layout, s_q, s_kv, q_offset, kv_offset, head_offset, num_heads, block_m,
+                          block_n, True, device)
+    group = layout.group_size
+    kv_heads = (head_offset + num_heads - 1) // group - head_offset // group + 1
+    work = _tile_work(index.bounds, kv_heads, head_offset % group, group)
+    return index, _split_work(work, chunk_bound or dkdv_chunk_bound(work), device)
+
+
 # -- kernels ---------------------------------------------------------------------------------------
 # Pattern arguments shared by the kernels: ``residue`` and ``window`` of a query head (from
 # _SparseIndex.pattern), ``vert_stride`` and ``block_size`` of the layout. Positions are absolute
@@ -244,10 +331,10 @@ def _load_row_stats(lse_base, delta_base, start, seqlen, BLOCK: tl.constexpr, MA
 
 
 @triton.jit
-def _owned_tile(bounds_ptr, pattern_ptr, head, tile):
+def _owned_tile(bounds_ptr, pattern_ptr, head, tile, num_tiles):
     """(first, first partially-masked, end) into the visited-tile list of local query head
-    ``head`` and owned tile ``tile`` (grid axis 0), and the head's residue and window."""
-    row = bounds_ptr + (head * tl.num_programs(0) + tile) * 3
+    ``head`` and owned tile ``tile`` (of ``num_tiles``), and the head's residue and window."""
+    row = bounds_ptr + (head * num_tiles + tile) * 3
     pattern = pattern_ptr + 2 * head
     return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(pattern), tl.load(pattern + 1)
 
@@ -305,7 +392,7 @@ def _s2_forward_kernel(
                    BLOCK_M, HEAD_DIM, True)
     k_base = k_ptr + b * stride_kb + c * stride_kh
     v_base = v_ptr + b * stride_vb + c * stride_vh
-    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m)
+    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m, tl.num_programs(0))
 
     # A finite start for the running max keeps rows masked so far free of (-inf) - (-inf).
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -407,7 +494,7 @@ def _s2_backward_dq_kernel(
     lse2, delta = _load_row_stats(lse_ptr + stats, delta_ptr + stats, start_m, seqlen_q, BLOCK_M, True)
     k_base = k_ptr + b * stride_kb + c * stride_kh
     v_base = v_ptr + b * stride_vb + c * stride_vh
-    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m)
+    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m, tl.num_programs(0))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_kv_tiles(dq, q, do, lse2, delta, q_pos, k_base, v_base, stride_ks, stride_vs, seqlen_k,
@@ -448,6 +535,13 @@ def _dkdv_q_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, st
 
 
 @triton.jit
+def _partial_tile(partial_ptr, b, slot, num_partials, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pointers [BLOCK_N, HEAD_DIM] to the dK partial of (batch b, slot); dV's follows it."""
+    base = partial_ptr + (b * num_partials + slot) * (2 * BLOCK_N * HEAD_DIM)
+    return base + tl.arange(0, BLOCK_N)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
 def _s2_backward_dkdv_kernel(
     # pointers and strides as in _s2_backward_dq_kernel; dk, dv like k, v
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -457,8 +551,10 @@ def _s2_backward_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    # sparse index (_SparseIndex per query head; owned tiles = kv tiles = grid axis 0)
-    tiles_ptr, bounds_ptr, pattern_ptr,
+    # sparse index (_SparseIndex per query head; owned tiles = kv tiles) and the chunk programs
+    # (_DkdvWork.chunks, one per grid axis 0); partial: float32 [batch, num_partials, 2, BLOCK_N,
+    # HEAD_DIM], contiguous, the unscaled dK and dV of chunks whose tile is split
+    tiles_ptr, bounds_ptr, pattern_ptr, chunks_ptr, partial_ptr, num_partials,
     # heads as in _s2_forward_kernel, plus the number of kv heads of k
     num_heads, num_kv_heads, head_phase, group_size,
     # sequence as in _s2_forward_kernel
@@ -466,34 +562,73 @@ def _s2_backward_dkdv_kernel(
     sm_scale, qk_scale,  # softmax scale, and it times log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bc = tl.program_id(1)
-    b, c = (pid_bc // num_kv_heads).to(tl.int64), (pid_bc % num_kv_heads).to(tl.int64)
+    """One chunk of one kv tile's work: entries [lo, hi) of the concatenation, over the query heads
+    of its kv head in order, of their visited-tile lists. A tile's only chunk writes dK/dV; the
+    chunks of a split tile write partials for _s2_backward_dkdv_reduce_kernel."""
+    chunk = chunks_ptr + tl.program_id(0) * 5
+    pid_n, c, lo, hi, slot = tl.load(chunk), tl.load(chunk + 1), tl.load(chunk + 2), tl.load(chunk + 3), tl.load(chunk + 4)
+    b, c = tl.program_id(1).to(tl.int64), c.to(tl.int64)
     start_n = pid_n * BLOCK_N
     k_pos = kv_offset + start_n + tl.arange(0, BLOCK_N)
-    k_base = k_ptr + b * stride_kb + c * stride_kh
-    v_base = v_ptr + b * stride_vb + c * stride_vh
-    k = _load_rows(k_base, stride_ks, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
-    v = _load_rows(v_base, stride_vs, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
+    k = _load_rows(k_ptr + b * stride_kb + c * stride_kh, stride_ks, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
+    v = _load_rows(v_ptr + b * stride_vb + c * stride_vh, stride_vs, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # The query heads of kv head c, in a fixed order, each with its own tile list and pattern:
-    # deterministic without atomics.
+    # deterministic without atomics. ``done`` counts the entries of the heads before h.
+    done = 0
     for h in range(tl.maximum(c * group_size - head_phase, 0),
                    tl.minimum((c + 1) * group_size - head_phase, num_heads)):
-        first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_n)
+        first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_n,
+                                                        tl.cdiv(seqlen_k, BLOCK_N))
+        lo_h, hi_h = first + lo - done, first + hi - done        # this chunk in head h's list
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = dout_ptr + b * stride_dob + h * stride_doh
         stats = (b * num_heads + h) * seqlen_q
         dk, dv = _dkdv_q_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_ptr + stats,
                                delta_ptr + stats, stride_qs, stride_dos, seqlen_q, q_offset,
-                               kv_offset + seqlen_k, tiles_ptr, first, mid, residue, window,
-                               vert_stride, block_size, qk_scale, BLOCK_M, HEAD_DIM, False)
+                               kv_offset + seqlen_k, tiles_ptr, tl.maximum(first, lo_h),
+                               tl.minimum(mid, hi_h), residue, window, vert_stride, block_size,
+                               qk_scale, BLOCK_M, HEAD_DIM, False)
         dk, dv = _dkdv_q_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_ptr + stats,
                                delta_ptr + stats, stride_qs, stride_dos, seqlen_q, q_offset,
-                               kv_offset + seqlen_k, tiles_ptr, mid, last, residue, window,
-                               vert_stride, block_size, qk_scale, BLOCK_M, HEAD_DIM, True)
+                               kv_offset + seqlen_k, tiles_ptr, tl.maximum(mid, lo_h),
+                               tl.minimum(last, hi_h), residue, window, vert_stride, block_size,
+                               qk_scale, BLOCK_M, HEAD_DIM, True)
+        done += last - first
+    if slot < 0:
+        _store_rows(dk_ptr + b * stride_dkb + c * stride_dkh, stride_dks, start_n, seqlen_k,
+                    dk * sm_scale, BLOCK_N, HEAD_DIM)
+        _store_rows(dv_ptr + b * stride_dvb + c * stride_dvh, stride_dvs, start_n, seqlen_k,
+                    dv, BLOCK_N, HEAD_DIM)
+    else:
+        dk_partial = _partial_tile(partial_ptr, b, slot, num_partials, BLOCK_N, HEAD_DIM)
+        tl.store(dk_partial, dk)
+        tl.store(dk_partial + BLOCK_N * HEAD_DIM, dv)
+
+
+@triton.jit
+def _s2_backward_dkdv_reduce_kernel(
+    # dk, dv as in _s2_backward_dkdv_kernel; partial and num_partials too; reduce: _DkdvWork.reduce
+    dk_ptr, dv_ptr,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    partial_ptr, num_partials, reduce_ptr,
+    seqlen_k, sm_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """dK/dV of one split kv tile: its chunks' partials summed in chunk order (deterministic)."""
+    row = reduce_ptr + tl.program_id(0) * 4
+    pid_n, c, first, count = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    b, c = tl.program_id(1).to(tl.int64), c.to(tl.int64)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for slot in range(first, first + count):
+        dk_partial = _partial_tile(partial_ptr, b, slot, num_partials, BLOCK_N, HEAD_DIM)
+        dk += tl.load(dk_partial)
+        dv += tl.load(dk_partial + BLOCK_N * HEAD_DIM)
+    start_n = pid_n * BLOCK_N
     _store_rows(dk_ptr + b * stride_dkb + c * stride_dkh, stride_dks, start_n, seqlen_k,
                 dk * sm_scale, BLOCK_N, HEAD_DIM)
     _store_rows(dv_ptr + b * stride_dvb + c * stride_dvh, stride_dvs, start_n, seqlen_k,
@@ -525,6 +660,10 @@ class _Problem:
     def index(self, config: KernelConfig, by_kv: bool, device: torch.device) -> _SparseIndex:
         return _sparse_index(self.layout, self.s_q, self.s_kv, self.q_offset, self.kv_offset,
                              self.head_offset, self.heads, config.block_m, config.block_n, by_kv, device)
+
+    def dkdv_work(self, config: KernelConfig, device: torch.device) -> tuple[_SparseIndex, _DkdvWork]:
+        return _dkdv_work(self.layout, self.s_q, self.s_kv, self.q_offset, self.kv_offset, self.head_offset,
+                          self.heads, config.block_m, config.block_n, DKDV_CHUNK, device)
 
     def geometry(self, with_kv_heads: bool = False) -> tuple:
         """The kernels' geometry arguments, in their order."""
@@ -568,7 +707,7 @@ def _backward(q, k, v, out, lse, dout, dlse, p: _Problem):
         BLOCK_M=pre.block_m, HEAD_DIM=p.head_dim, num_warps=pre.num_warps, num_stages=pre.num_stages)
 
     scales = (p.softmax_scale, p.softmax_scale * _LOG2E)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
     cfg = p.configs.backward_dq
     index = p.index(cfg, False, q.device)
     _s2_backward_dq_kernel[(triton.cdiv(p.s_q, cfg.block_m), p.batch * p.heads)](
@@ -579,14 +718,24 @@ def _backward(q, k, v, out, lse, dout, dlse, p: _Problem):
         **p.launch_options(cfg))
 
     cfg = p.configs.backward_dkdv
-    index = p.index(cfg, True, q.device)
-    _s2_backward_dkdv_kernel[(triton.cdiv(p.s_kv, cfg.block_n), p.batch * p.kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv,
-        *_bsh_strides(q), *_bsh_strides(k), *_bsh_strides(v), *_bsh_strides(dout),
-        *_bsh_strides(dk), *_bsh_strides(dv),
-        index.tiles, index.bounds, index.pattern,
-        *p.geometry(with_kv_heads=True), *scales,
-        **p.launch_options(cfg))
+    index, work = p.dkdv_work(cfg, q.device)
+    dk, dv = (torch.zeros_like(t) if work.idle_tiles else torch.empty_like(t) for t in (k, v))
+    partial = torch.empty(p.batch, max(1, work.num_partials), 2, cfg.block_n, p.head_dim, device=q.device,
+                          dtype=torch.float32)
+    if len(work.chunks):
+        _s2_backward_dkdv_kernel[(len(work.chunks), p.batch)](
+            q, k, v, dout, lse, delta, dk, dv,
+            *_bsh_strides(q), *_bsh_strides(k), *_bsh_strides(v), *_bsh_strides(dout),
+            *_bsh_strides(dk), *_bsh_strides(dv),
+            index.tiles, index.bounds, index.pattern, work.chunks, partial, work.num_partials,
+            *p.geometry(with_kv_heads=True), *scales,
+            **p.launch_options(cfg))
+    red = p.configs.backward_dkdv_reduce
+    if len(work.reduce):
+        _s2_backward_dkdv_reduce_kernel[(len(work.reduce), p.batch)](
+            dk, dv, *_bsh_strides(dk), *_bsh_strides(dv), partial, work.num_partials, work.reduce,
+            p.s_kv, p.softmax_scale,
+            BLOCK_N=red.block_n, HEAD_DIM=p.head_dim, num_warps=red.num_warps, num_stages=red.num_stages)
     return dq, dk, dv
 
 

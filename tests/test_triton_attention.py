@@ -4,6 +4,7 @@ determinism and a larger shape. bf16 is not usable in the interpreter, hence GPU
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -16,7 +17,7 @@ from attention_cases import (CASES, Case, assert_matches_reference, assert_empty
                              make_inputs, run, run_checks)
 from relative_error import BF16_TOLERANCE, assert_close_to_reference
 from s2attn import S2Layout
-from s2attn.reference import reference_attention
+from s2attn.reference import reference_attention, token_mask
 
 EXTRA_CASES = [
     # several query tiles of 128 rows with 16-token blocks (Merge-Q), full and masked tiles
@@ -28,6 +29,10 @@ EXTRA_CASES = [
          local_blocks=1, vert_stride=2),
 ]
 TOLERANCES = {"fp32": (torch.float32, 2e-5, 1e-4), "fp16": (torch.float16, 3e-3, 3e-3)}
+SPLIT_CASES = [case for case in CASES if case.name in ("gqa", "dense_heads", "q_after_kv", "kv_after_q", "query_gqa4",
+                                                          "query_gqa8_tp_slice")]
+"""dK/dV chunked with a tiny bound (every busy kv tile split): GQA, dense heads, CP offsets (key
+tiles that no query reads), per-query-head residues inside a TP slice."""
 
 
 # -- checks that run in the interpreter subprocess --------------------------------------------------
@@ -85,13 +90,46 @@ def _check_fp16_large_logits_stay_finite() -> None:
         assert torch.isfinite(t).all()
 
 
+@contextlib.contextmanager
+def _dkdv_chunk(bound: int):
+    import s2attn.triton_attention as ta
+    ta.DKDV_CHUNK = bound
+    try:
+        yield
+    finally:
+        ta.DKDV_CHUNK = None
+
+
+def _check_split_dkdv(case: Case) -> None:
+    """With 2 entries per dK/dV chunk, tiles are split (partials and the reduce kernel run) and
+    every output still matches the float64 oracle."""
+    from s2attn.triton_attention import tile_configs
+    with _dkdv_chunk(2):
+        cfg = tile_configs(case.head_dim, case.block_size, torch.float32).backward_dkdv
+        work = _work(case, cfg.block_m, cfg.block_n, 2)
+        assert work.num_partials > 0 and len(work.reduce) > 0
+        assert_matches_reference("triton", case, *TOLERANCES["fp32"])
+
+
+def _check_backward_is_deterministic() -> None:
+    """Two backward runs with split dK/dV tiles are bit-identical."""
+    case = SPLIT_CASES[-1]
+    inputs = make_inputs(case, torch.float32)
+    with _dkdv_chunk(3):
+        first, second = run("triton", case, *inputs), run("triton", case, *inputs)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
 def _interpreter_checks() -> dict:
     checks = {f"{case.name}-{dt}": functools.partial(assert_matches_reference, "triton", case, *tol)
               for case in CASES + EXTRA_CASES for dt, tol in TOLERANCES.items()}
     checks.update(no_key_rows=_check_no_key_rows, transposed_sbhd=_check_transposed_sbhd,
                   head_offset_inside_a_group=_check_head_offset_inside_a_group,
                   fp16_large_logits=_check_fp16_large_logits_stay_finite,
-                  empty_inputs=functools.partial(assert_empty_inputs_answered, "triton"))
+                  empty_inputs=functools.partial(assert_empty_inputs_answered, "triton"),
+                  backward_is_deterministic=_check_backward_is_deterministic)
+    checks.update({f"split_dkdv-{case.name}": functools.partial(_check_split_dkdv, case) for case in SPLIT_CASES})
     return checks
 
 
@@ -120,6 +158,68 @@ def test_bad_input_is_rejected_before_launch():
         triton_attention(q, q, q, S2Layout(2, 2, 256, local_blocks=1, vert_stride=2), 0.1, 0, 0, 0)
     with pytest.raises(ValueError, match=r"k has 2 kv heads"):
         triton_attention(q, q, q, S2Layout(4, 2, 16, local_blocks=1, vert_stride=2), 0.1, 0, 0, 0)
+
+
+def _work(case: Case, block_m: int, block_n: int, chunk_bound: int | None):
+    from s2attn.triton_attention import _dkdv_work
+    return _dkdv_work(case.layout(), case.s_q, case.s_kv, case.q_offset, case.kv_offset, case.head_offset,
+                      case.heads, block_m, block_n, chunk_bound, torch.device("cpu"))[1]
+
+
+@pytest.mark.parametrize("chunk_bound", [1, 3, None])
+@pytest.mark.parametrize("case", CASES + EXTRA_CASES, ids=lambda c: c.name)
+def test_dkdv_chunks_cover_each_tile_once(case, chunk_bound):
+    """The chunk programs cut each kv tile's work (the sum over its query heads of their list
+    lengths, counted here from the block mask) into contiguous pieces of at most the bound; idle
+    tiles get none; a split tile's partial slots are its own, consecutive, in work order."""
+    pytest.importorskip("triton")
+    from s2attn.triton_attention import tile_configs
+    cfg = tile_configs(case.head_dim, case.block_size, torch.float32).backward_dkdv
+    work = _work(case, cfg.block_m, cfg.block_n, chunk_bound)
+    layout = case.layout()
+    token = token_mask(layout, case.s_q, case.s_kv, case.q_offset, case.kv_offset, case.head_offset, case.heads)
+    nm, nn = -(-case.s_q // cfg.block_m), -(-case.s_kv // cfg.block_n)
+    padded = torch.zeros(case.heads, nm * cfg.block_m, nn * cfg.block_n, dtype=torch.bool)
+    padded[:, :case.s_q, :case.s_kv] = token
+    visits = padded.view(case.heads, nm, cfg.block_m, nn, cfg.block_n).any(4).any(2).sum(1)   # [heads, nn]
+    group = layout.group_size
+    kv_of = [(case.head_offset + h) // group - case.head_offset // group for h in range(case.heads)]
+    expected = torch.zeros(case.kv_heads, nn, dtype=torch.long)
+    for h in range(case.heads):
+        expected[kv_of[h]] += visits[h]
+
+    chunks = work.chunks.long()
+    assert (chunks[:, 3] - chunks[:, 2] <= work.chunk_bound).all() and (chunks[:, 3] > chunks[:, 2]).all()
+    for c in range(case.kv_heads):
+        for n in range(nn):
+            mine = chunks[(chunks[:, 0] == n) & (chunks[:, 1] == c)]
+            mine = mine[torch.argsort(mine[:, 2])]
+            if expected[c, n] == 0:
+                assert len(mine) == 0, (c, n)
+                continue
+            assert mine[0, 2] == 0 and mine[-1, 3] == expected[c, n] and (mine[1:, 2] == mine[:-1, 3]).all(), (c, n)
+            if len(mine) == 1:
+                assert mine[0, 4] == -1
+            else:
+                assert (mine[:, 4] == mine[0, 4] + torch.arange(len(mine))).all()
+                assert [n, c, int(mine[0, 4]), len(mine)] in work.reduce.tolist()
+    assert work.num_partials == int(work.reduce[:, 3].sum()) if len(work.reduce) else work.num_partials == 0
+    assert work.idle_tiles == bool((expected == 0).any())
+
+
+def test_makespan_is_greedy_list_scheduling():
+    from s2attn.dkdv_balance import makespan
+    assert makespan([3, 1, 1, 1], 2) == 3 and makespan([1, 1, 1, 3], 2) == 4 and makespan([2, 2], 4) == 2
+
+
+def test_split_dkdv_programs_are_within_2x_of_the_mean():
+    """A recipe-like pattern (per-query-head residues, GQA 2:1, one TP rank's 8 heads) at 8k: the
+    heaviest dK/dV program before splitting is several times the mean, after at most 2x."""
+    pytest.importorskip("triton")
+    from s2attn.dkdv_balance import dkdv_balance
+    layout = S2Layout(16, 8, 64, local_blocks=16, vert_stride=16, head_sharding="query")
+    result = dkdv_balance(layout, 8192, 0, 8, 128)
+    assert result["before"]["ratio"] > 3 and result["after"]["ratio"] <= 2, result
 
 
 def test_pattern_index_is_cached():

@@ -9,6 +9,7 @@ block-aligned inside a pack are covered at the kernel level (test_varlen_attenti
 """
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from megatron_s2 import (DenseCoreAttention, S2AttentionConfig, S2CoreAttention,
                          training_flops_per_token)
 from megatron_s2.parallel import model_parallel_session
 from s2attn.reference import reference_document_attention
+from torchrun import run_workers
 
 VOCAB = 96
 S2 = S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=4)
@@ -147,3 +149,11 @@ def test_flops_count_only_within_document_blocks():
 def test_flops_refuse_bad_document_lengths(docs):
     with pytest.raises(ValueError, match=r"document_lengths must be non-negative integers summing to seq_length \(128\)"):
         training_flops_per_token(make_config(2), "SD", S2, 128, VOCAB, document_lengths=docs)
+
+
+# -- tensor parallelism ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_packed_batch_equals_documents_one_by_one_under_tp2(tmp_path):
+    """The same check as above on a TP=2 model (S2 heads at their global head_offset), per rank."""
+    r = run_workers(Path(__file__).parent / "multiproc" / "packed_tp_worker.py", 2, tmp_path / "result.json", "2")
+    assert r["loss_rel_diff"] <= 1e-5 and r["max_grad_rel_diff"] <= 1e-5, r

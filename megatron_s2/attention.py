@@ -112,6 +112,7 @@ class _CausalCoreAttention(MegatronModule):
         t, heads, d = query.shape
         _require(heads == self.num_heads, f"{name}: expected {self.num_heads} query heads on this rank, got {heads}")
         max_seqlen = packed.max_seqlen_q if packed.max_seqlen_q is not None else packed.max_seqlen_kv
+        max_seqlen = None if max_seqlen is None else int(max_seqlen)       # Megatron may hold a tensor
         return self.attend_packed(query, key, value, cu, max_seqlen).reshape(t, heads * d)
 
     def attend_packed(self, q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor,

@@ -10,6 +10,8 @@ import contextlib
 import math
 import multiprocessing
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -134,6 +136,18 @@ def time_attention(fn, shape: AttentionShape, repeats: int, backward: bool = Tru
         result["backward_s"] = statistics.median(bwd)
         result["fwd_bwd_s"] = statistics.median(f + b for f, b in zip(fwd, bwd))
     return result
+
+
+@contextlib.contextmanager
+def competing_process():
+    """One busy process beside the benchmark (a pure-Python spin loop in a child interpreter), as
+    on a shared machine; started on entry, killed and reaped on exit, whatever happens inside."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def peak_rss_bytes() -> int:

@@ -4,6 +4,7 @@
     python scripts/bench_attention.py --preset gpu            # b=4 h=16 d=128 bf16, 32k and 64k
     python scripts/bench_attention.py --preset gpu --vert-stride 1 --methods sdpa_flash s2_triton
     python scripts/bench_attention.py --preset cpu --seq-lens 4096 --memory-seq-len 0 --repeats 1
+    python scripts/bench_attention.py --preset cpu --no-flex --memory-seq-len 0 --contend   # shared CPU
 
 Methods: on a GPU, SDPA pinned to its flash and cuDNN kernels (``sdpa_flash`` is the reference of
 the speed-ups), S2 Triton and torch, and compiled FlexAttention with the S2 block mask; on the CPU,
@@ -11,25 +12,32 @@ SDPA as PyTorch dispatches it (the reference), S2 torch and FlexAttention (forwa
 CPU backward). A method that fails (e.g. a kernel that cannot take the shape) is recorded with its
 error and the others still run; the exit status is then 1.
 
+``--contend`` times every method beside one busy process that the script starts and stops (a
+shared machine: laptop, CI runner, shared node).
+
 Prints a table and writes JSON (every timing, density, speed-up over the reference, TFLOP/s on the
 blocks each method computes) and a figure (speed-up by length, time per method at the longest length).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: see docs/BENCHMARKS.md, "A shared CPU"
 
 import torch
 import triton
 
 from megatron_s2.plots import plot_attention_benchmark
 from s2attn import S2Layout
-from s2attn.benchmark import (AttentionShape, attention_flops, describe, device_name, flex_attention_fn, peak_memory_bytes,
-                              s2_fn, sdpa_causal_fn, tflops, time_attention)
+from s2attn.benchmark import (AttentionShape, attention_flops, competing_process, describe, device_name, flex_attention_fn,
+                              peak_memory_bytes, s2_fn, sdpa_causal_fn, tflops, time_attention)
 
 PRESETS = {
     "cpu": dict(shape=AttentionShape(1, 16384, 8, 8, 64, "float32", "cpu"), seq_lens=[16384],
@@ -60,6 +68,7 @@ def parse_args(argv):
     p.add_argument("--vert-stride", type=int, help="override the preset's stride (1: dense pattern)")
     p.add_argument("--methods", nargs="+", help="run only these methods (default: all on the preset's device)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--contend", action="store_true", help="time beside one busy process (started and stopped here)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-seq-len", type=int, help="peak memory of one S2 fwd+bwd at this length (0: skip)")
     p.add_argument("--json", type=Path, default=Path("bench_attention.json"))
@@ -97,41 +106,44 @@ def main(argv=None) -> int:
     reference = next(iter(method_table(layout, base)))
     report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
                           "platform": platform.platform(), "threads": torch.get_num_threads(),
-                          "device": device_name(base.device)},
-              "reference": reference, "runs": []}
+                          "device": device_name(base.device), "load_average": os.getloadavg()},
+              "reference": reference, "contend": args.contend, "runs": []}
+    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+          f"{', beside one busy process (--contend)' if args.contend else ''}")
     print(f"{'seq':>7} {'method':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'x ref f+b':>10} {'x ref fwd':>10} "
           f"{'TFLOP/s':>8}   (ref: {reference})")
     failed = False
-    for seq_len in args.seq_lens or preset["seq_lens"]:
-        shape = replace(base, seq_len=seq_len)
-        flops_sparse, flops_dense = attention_flops(layout, shape), attention_flops(None, shape)
-        print(f"# seq {seq_len}: density {layout.density(seq_len):.3f}, "
-              f"{flops_dense[0] / flops_sparse[0]:.2f}x fewer forward FLOPs than dense causal")
-        table = method_table(layout, shape)
-        results, errors = {}, {}
-        for name in args.methods:
-            make, sparse, has_backward = table[name]
-            try:
-                timing = time_attention(make(), shape, args.repeats, backward=has_backward)
-            except Exception as error:          # one method's failure (no kernel, OOM, compile) is a result
-                errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                print(f"{seq_len:>7} {name:<16} FAILED {errors[name]}")
-                if shape.device == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            fwd_flops, bwd_flops = flops_sparse if sparse else flops_dense
-            timing["tflops_fwd_bwd" if has_backward else "tflops_fwd"] = tflops(
-                fwd_flops + (bwd_flops if has_backward else 0), timing["fwd_bwd_s" if has_backward else "forward_s"])
-            results[name] = timing
-        for name, timing in results.items():
-            if reference in results:
-                ref = results[reference]
-                timing["speedup_fwd_vs_sdpa"] = ref["forward_s"] / timing["forward_s"]
-                if "fwd_bwd_s" in timing:
-                    timing["speedup_fwd_bwd_vs_sdpa"] = ref["fwd_bwd_s"] / timing["fwd_bwd_s"]
-            print(_row(seq_len, name, timing))
-        report["runs"].append(describe(layout, shape) | {"results": results, "errors": errors})
-        failed |= bool(errors)
+    with competing_process() if args.contend else contextlib.nullcontext():   # --contend: a shared CPU
+        for seq_len in args.seq_lens or preset["seq_lens"]:
+            shape = replace(base, seq_len=seq_len)
+            flops_sparse, flops_dense = attention_flops(layout, shape), attention_flops(None, shape)
+            print(f"# seq {seq_len}: density {layout.density(seq_len):.3f}, "
+                  f"{flops_dense[0] / flops_sparse[0]:.2f}x fewer forward FLOPs than dense causal")
+            table = method_table(layout, shape)
+            results, errors = {}, {}
+            for name in args.methods:
+                make, sparse, has_backward = table[name]
+                try:
+                    timing = time_attention(make(), shape, args.repeats, backward=has_backward)
+                except Exception as error:          # one method's failure (no kernel, OOM, compile) is a result
+                    errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    print(f"{seq_len:>7} {name:<16} FAILED {errors[name]}")
+                    if shape.device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                fwd_flops, bwd_flops = flops_sparse if sparse else flops_dense
+                timing["tflops_fwd_bwd" if has_backward else "tflops_fwd"] = tflops(
+                    fwd_flops + (bwd_flops if has_backward else 0), timing["fwd_bwd_s" if has_backward else "forward_s"])
+                results[name] = timing
+            for name, timing in results.items():
+                if reference in results:
+                    ref = results[reference]
+                    timing["speedup_fwd_vs_sdpa"] = ref["forward_s"] / timing["forward_s"]
+                    if "fwd_bwd_s" in timing:
+                        timing["speedup_fwd_bwd_vs_sdpa"] = ref["fwd_bwd_s"] / timing["fwd_bwd_s"]
+                print(_row(seq_len, name, timing))
+            report["runs"].append(describe(layout, shape) | {"results": results, "errors": errors})
+            failed |= bool(errors)
     memory_seq = preset["memory_seq_len"] if args.memory_seq_len is None else args.memory_seq_len
     if memory_seq:
         backend = "triton" if base.device == "cuda" else "torch"

@@ -16,6 +16,9 @@ built.
 import argparse
 import ast
 import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: see docs/BENCHMARKS.md, "A shared CPU"
 
 from megatron_s2 import S2AttentionConfig
 from megatron_s2.benchmark import HybridStepBenchmark, format_sweep_table, run_benchmark, sweep

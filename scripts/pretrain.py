@@ -8,7 +8,10 @@
 Every output goes under run.dir (resolved config, metrics.jsonl, checkpoints, wandb files). A
 refused config prints one line and exits with status 2 (megatron_s2/training/cli.py).
 """
+import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: see docs/BENCHMARKS.md, "A shared CPU"
 
 from megatron_s2.accelerators import quiet_fallback_notices
 

@@ -69,7 +69,7 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class TileConfigs:
-    """The configurations of the four kernels for one (head_dim, block_size, dtype)."""
+    """The configurations of the five kernels for one (head_dim, block_size, dtype)."""
 
     forward: KernelConfig
     """``_s2_forward_kernel``: owns a query tile, visits kv tiles."""

@@ -96,8 +96,10 @@ def init_distributed(cfg: PretrainConfig) -> torch.device:
 
 
 def seed_everything(seed: int, cuda: bool) -> None:
-    """The same seed on every rank: weights are built whole and sliced (use_cpu_initialization on
-    CPU) or from Megatron's TP-aware CUDA RNG tracker, so any TP size starts from one model."""
+    """The same seed on every rank. On the CPU path weights are built whole and sliced
+    (use_cpu_initialization), so any TP size starts from one model; on CUDA, Megatron's RNG tracker
+    draws each TP shard from its own seed (as Megatron-LM does), so different TP sizes start from
+    different (equally distributed) weights."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

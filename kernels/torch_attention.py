@@ -212,7 +212,7 @@ def _block_rows(x_bshd, heads: torch.Tensor, plan: _Plan, dtype):
     by_token = out.permute(0, 1, 3, 2, 4)                                 # [b, nq, bs, n, d] view
     picked = x_bshd.index_select(2, heads)
     whole = s // bs
-    by_token[:, :whole] = picked[:, :whole * bs].view(b, whole, bs, -1, d)
+    by_token[:, :whole] = picked[:, :whole * bs].view(b, whole, bs, len(heads), d)
     if whole < nq:                                        # the partial last block
         by_token[:, whole, :s - whole * bs] = picked[:, whole * bs:]
     return out.view(b, nq, -1, d)

@@ -84,10 +84,12 @@ def _check_head_offset_inside_a_group() -> None:
         torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def _check_fp16_large_logits_stay_finite() -> None:
-    case = Case("large", s_q=128, s_kv=128)
-    for t in run("triton", case, *make_inputs(case, torch.float16, scale=30.0)):
-        assert torch.isfinite(t).all()
+def _check_fp16_large_logits_match_reference() -> None:
+    """Logits in the thousands: within 1e-2 of the float64 oracle's largest value (measured in the
+    interpreter: dq 3.7e-3; the kernels feed fp16 probabilities and dS to the dots, where the torch
+    backend computes in fp32 and stays within 3e-3)."""
+    assert_close_to_reference("triton", Case("large", s_q=128, s_kv=128), torch.float16, 1e-2,
+                              ord=float("inf"), scale=30.0)
 
 
 @contextlib.contextmanager
@@ -126,7 +128,7 @@ def _interpreter_checks() -> dict:
               for case in CASES + EXTRA_CASES for dt, tol in TOLERANCES.items()}
     checks.update(no_key_rows=_check_no_key_rows, transposed_sbhd=_check_transposed_sbhd,
                   head_offset_inside_a_group=_check_head_offset_inside_a_group,
-                  fp16_large_logits=_check_fp16_large_logits_stay_finite,
+                  fp16_large_logits=_check_fp16_large_logits_match_reference,
                   empty_inputs=functools.partial(assert_empty_inputs_answered, "triton"),
                   backward_is_deterministic=_check_backward_is_deterministic)
     checks.update({f"split_dkdv-{case.name}": functools.partial(_check_split_dkdv, case) for case in SPLIT_CASES})

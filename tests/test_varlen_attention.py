@@ -96,15 +96,6 @@ def assert_pack_matches_oracle(backend: str, pack: Pack, dtype) -> None:
         torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def _torch_backend_marks(pack: Pack):
-    """The torch backend fails on a sequence shorter than one block (any input, packed or not:
-    ``_block_rows`` views 0 whole blocks with a -1 dimension, kernels/torch_attention.py); strict, so
-    the mark goes red once that is fixed."""
-    short = any(0 < n < pack.case.block_size for n in pack.q_lengths)
-    return [pytest.mark.xfail(strict=True, raises=RuntimeError,
-                              reason="torch backend: s_q < block_size fails in _block_rows")] if short else []
-
-
 # -- reference and torch backends, in process ------------------------------------------------------
 @pytest.mark.parametrize("pack", PACKS, ids=lambda p: p.name)
 def test_reference_backend(pack):
@@ -112,7 +103,7 @@ def test_reference_backend(pack):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("pack", [pytest.param(p, marks=_torch_backend_marks(p), id=p.name) for p in PACKS])
+@pytest.mark.parametrize("pack", PACKS, ids=lambda p: p.name)
 def test_torch_backend(pack, dtype):
     assert_pack_matches_oracle("torch", pack, dtype)
 

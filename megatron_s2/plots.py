@@ -15,6 +15,8 @@ Figures are small PNGs (blocky images, low dpi) meant for docs and wandb.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -36,6 +38,7 @@ def _viridis(n: int) -> np.ndarray:
 
 def _save(fig: Figure, path: str, dpi: int) -> str:
     FigureCanvasAgg(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
 

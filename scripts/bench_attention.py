@@ -71,8 +71,8 @@ def parse_args(argv):
     p.add_argument("--contend", action="store_true", help="time beside one busy process (started and stopped here)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-seq-len", type=int, help="peak memory of one S2 fwd+bwd at this length (0: skip)")
-    p.add_argument("--json", type=Path, default=Path("bench_attention.json"))
-    p.add_argument("--figure", default="bench_attention.png", help="PNG output path ('' for none)")
+    p.add_argument("--json", type=Path, default=Path("runs/bench_attention.json"))
+    p.add_argument("--figure", default="runs/bench_attention.png", help="PNG output path ('' for none)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     try:
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
         peak = peak_memory_bytes(layout, backend, replace(base, seq_len=memory_seq))
         report["peak_memory"] = {"seq_len": memory_seq, "backend": backend, "bytes": peak}
         print(f"# peak memory of one s2_{backend} forward+backward at seq {memory_seq}: {peak / 2**20:.0f} MiB")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"# wrote {args.json}")
     if args.figure:

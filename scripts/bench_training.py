@@ -67,8 +67,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[HybridStepBenchmark]]:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak TFLOP/s of one device, for MFU (default: known GPUs by name)")
-    p.add_argument("--out", default="bench_training.json", help="JSON output path")
-    p.add_argument("--figure", default="bench_training.png", help="PNG output path ('' for none)")
+    p.add_argument("--out", default="runs/bench_training.json", help="JSON output path")
+    p.add_argument("--figure", default="runs/bench_training.png", help="PNG output path ('' for none)")
     a = p.parse_args(argv)
     try:
         s2 = S2AttentionConfig(block_size=a.block_size, local_blocks=a.local_blocks, vert_stride=a.vert_stride,
@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     a, benches = parse(argv)
     results = [run_benchmark(bench) for bench in benches]
     print(format_sweep_table(results))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {a.out}")

@@ -82,8 +82,9 @@ def _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend) -> Non
              f"{name} must be a non-negative multiple of block_size ({layout.block_size}), got {off!r}")
 
 
-def _document_bounds(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, q_offset, kv_offset):
-    """Check packed (THD) input; return [(q_start, q_end, kv_start, kv_end)] per document.
+def document_bounds(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, q_offset, kv_offset):
+    """Check packed (THD) input (ValueError naming the argument); return [(q_start, q_end,
+    kv_start, kv_end)] per document. Also serves dense attention over the same packs.
 
     One host sync: both ``cu_seqlens`` are read back to the host with a single ``.tolist()``.
     """
@@ -162,7 +163,7 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
     """
     packed = cu_seqlens_q is not None or cu_seqlens_kv is not None
     if packed:
-        documents = _document_bounds(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
+        documents = document_bounds(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
                                      q_offset, kv_offset)
         _validate(q[None], k[None], v[None], layout, head_offset, q_offset, kv_offset, backend)
     else:

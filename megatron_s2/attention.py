@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from s2attn import s2_attention
+from s2attn.api import document_bounds
 
 from .config import S2AttentionConfig, check_heads
 from .context_parallel import CPGeometry, check_cp_seq_len, cp_attention
@@ -174,11 +175,9 @@ class DenseCoreAttention(_CausalCoreAttention):
         return out_bhsd.transpose(1, 2)
 
     def attend_packed(self, q_thd, k_thd, v_thd, cu_seqlens, max_seqlen):
-        """One causal SDPA call per document (one host sync to read ``cu_seqlens``)."""
-        bounds = cu_seqlens.tolist()
-        _require(len(bounds) >= 2 and bounds[0] == 0 and bounds[-1] == q_thd.shape[0] and bounds == sorted(bounds),
-                 f"DenseCoreAttention: cu_seqlens_q must rise from 0 to the token count ({q_thd.shape[0]}), "
-                 f"got {bounds}")
+        """One causal SDPA call per document; ``cu_seqlens`` checked (one host sync) by the same
+        ``document_bounds`` as the S2 layers'."""
+        documents = document_bounds(q_thd, k_thd, v_thd, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0, 0)
         parts = [self.attend(q_thd[a:b][None], k_thd[a:b][None], v_thd[a:b][None], 0)[0]
-                 for a, b in zip(bounds[:-1], bounds[1:])]
+                 for a, b, _, _ in documents]
         return torch.cat(parts)

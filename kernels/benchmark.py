@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -104,6 +104,28 @@ def flex_attention_fn(layout: S2Layout, seq_len: int, device: str):
 
 def s2_fn(layout: S2Layout, backend: str):
     return lambda q, k, v: s2_attention(q, k, v, layout, backend=backend)
+
+
+def s2_packed_fn(layout: S2Layout, backend: str, documents: int):
+    """S2 with every sequence cut into ``documents`` equal documents (seq_len a multiple of it),
+    through the packed (THD, cu_seqlens) API; [b, s, h, d] in and out. Its work is that of
+    ``packed_shape``: batch * documents sequences of seq_len / documents tokens."""
+    def run(q, k, v):
+        b, s = q.shape[:2]
+        cu = torch.arange(0, b * s + 1, s // documents, dtype=torch.int32, device=q.device)
+        out = s2_attention(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), layout, backend=backend,
+                           cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s // documents,
+                           max_seqlen_kv=s // documents)
+        return out.view(q.shape)
+    return run
+
+
+def packed_shape(shape: AttentionShape, documents: int) -> AttentionShape:
+    """The shape whose attention work equals ``shape`` cut into ``documents`` equal documents
+    per sequence (ValueError unless seq_len is a multiple of documents)."""
+    if documents < 1 or shape.seq_len % documents:
+        raise ValueError(f"documents ({documents}) must be >= 1 and divide seq_len ({shape.seq_len})")
+    return replace(shape, batch=shape.batch * documents, seq_len=shape.seq_len // documents)
 
 
 def _sync(device: str) -> None:

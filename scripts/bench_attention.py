@@ -5,12 +5,18 @@
     python scripts/bench_attention.py --preset gpu --vert-stride 1 --methods sdpa_flash s2_triton
     python scripts/bench_attention.py --preset cpu --seq-lens 4096 --memory-seq-len 0 --repeats 1
     python scripts/bench_attention.py --preset cpu --no-flex --memory-seq-len 0 --contend   # shared CPU
+    python scripts/bench_attention.py --preset cpu --methods sdpa_causal s2_torch s2_torch_packed --documents 8 --memory-seq-len 0
 
 Methods: on a GPU, SDPA pinned to its flash and cuDNN kernels (``sdpa_flash`` is the reference of
 the speed-ups), S2 Triton and torch, and compiled FlexAttention with the S2 block mask; on the CPU,
 SDPA as PyTorch dispatches it (the reference), S2 torch and FlexAttention (forward only: it has no
 CPU backward). A method that fails (e.g. a kernel that cannot take the shape) is recorded with its
 error and the others still run; the exit status is then 1.
+
+``--documents N`` adds ``s2_<backend>_packed``: the same tokens cut into N equal documents per
+sequence, through the packed (THD, cu_seqlens) API, each document attended on its own; its
+speed-up is over the reference on the unpacked sequence and its TFLOP/s count the within-document
+blocks.
 
 ``--contend`` times every method beside one busy process that the script starts and stops (a
 shared machine: laptop, CI runner, shared node).
@@ -37,7 +43,8 @@ import triton
 from megatron_s2.plots import plot_attention_benchmark
 from s2attn import S2Layout
 from s2attn.benchmark import (AttentionShape, attention_flops, competing_process, describe, device_name, flex_attention_fn,
-                              peak_memory_bytes, s2_fn, sdpa_causal_fn, tflops, time_attention)
+                              packed_shape, peak_memory_bytes, s2_fn, s2_packed_fn, sdpa_causal_fn, tflops,
+                              time_attention)
 
 PRESETS = {
     "cpu": dict(shape=AttentionShape(1, 16384, 8, 8, 64, "float32", "cpu"), seq_lens=[16384],
@@ -47,17 +54,24 @@ PRESETS = {
 }
 
 
-def method_table(layout: S2Layout, shape: AttentionShape) -> dict:
-    """name -> (make the fn, computes the S2 mask, has a backward) for every method on shape.device;
-    the first is the reference of the speed-ups."""
+def method_table(layout: S2Layout, shape: AttentionShape, documents: int | None = None) -> dict:
+    """name -> (make the fn, the shape and layout its FLOPs are counted on, has a backward) for every
+    method on shape.device; the first is the reference of the speed-ups. ``documents``: add the
+    packed S2 methods."""
+    dense, sparse = (None, shape), (layout, shape)
     if shape.device == "cuda":
-        table = {f"sdpa_{b}": (lambda b=b: sdpa_causal_fn(b), False, True) for b in ("flash", "cudnn")}
-        table["s2_triton"] = (lambda: s2_fn(layout, "triton"), True, True)
+        table = {f"sdpa_{b}": (lambda b=b: sdpa_causal_fn(b), dense, True) for b in ("flash", "cudnn")}
+        backends = ("triton", "torch")
     else:
-        table = {"sdpa_causal": (sdpa_causal_fn, False, True)}
-    table["s2_torch"] = (lambda: s2_fn(layout, "torch"), True, True)
-    table["flex_attention"] = (lambda: flex_attention_fn(layout, shape.seq_len, shape.device), True,
+        table = {"sdpa_causal": (sdpa_causal_fn, dense, True)}
+        backends = ("torch",)
+    for backend in backends:
+        table[f"s2_{backend}"] = (lambda backend=backend: s2_fn(layout, backend), sparse, True)
+    table["flex_attention"] = (lambda: flex_attention_fn(layout, shape.seq_len, shape.device), sparse,
                                shape.device == "cuda")
+    for backend in backends if documents else ():
+        table[f"s2_{backend}_packed"] = (lambda backend=backend: s2_packed_fn(layout, backend, documents),
+                                         (layout, packed_shape(shape, documents)), True)
     return table
 
 
@@ -68,6 +82,7 @@ def parse_args(argv):
     p.add_argument("--vert-stride", type=int, help="override the preset's stride (1: dense pattern)")
     p.add_argument("--methods", nargs="+", help="run only these methods (default: all on the preset's device)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--documents", type=int, help="also time S2 on each sequence cut into this many equal documents")
     p.add_argument("--contend", action="store_true", help="time beside one busy process (started and stopped here)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-seq-len", type=int, help="peak memory of one S2 fwd+bwd at this length (0: skip)")
@@ -80,7 +95,10 @@ def parse_args(argv):
                                **preset["layout"] | ({"vert_stride": args.vert_stride} if args.vert_stride is not None else {}))
     except ValueError as error:
         p.error(f"--vert-stride {args.vert_stride}: {error}")
-    available = list(method_table(args.layout, preset["shape"]))
+    for n in args.seq_lens or preset["seq_lens"]:
+        if args.documents is not None and (args.documents < 1 or n % args.documents):
+            p.error(f"--documents {args.documents}: must be >= 1 and divide every sequence length ({n})")
+    available = list(method_table(args.layout, preset["shape"], args.documents))
     for name in args.methods or []:
         if name not in available:
             p.error(f"--methods {name}: not available with --preset {args.preset} (available: {' '.join(available)})")
@@ -116,13 +134,18 @@ def main(argv=None) -> int:
     with competing_process() if args.contend else contextlib.nullcontext():   # --contend: a shared CPU
         for seq_len in args.seq_lens or preset["seq_lens"]:
             shape = replace(base, seq_len=seq_len)
+            table = method_table(layout, shape, args.documents)
+            flops = {name: attention_flops(*counted) for name, (_, counted, _) in table.items()}
             flops_sparse, flops_dense = attention_flops(layout, shape), attention_flops(None, shape)
             print(f"# seq {seq_len}: density {layout.density(seq_len):.3f}, "
                   f"{flops_dense[0] / flops_sparse[0]:.2f}x fewer forward FLOPs than dense causal")
-            table = method_table(layout, shape)
+            if args.documents:
+                packed = attention_flops(layout, packed_shape(shape, args.documents))
+                print(f"# packed: {args.documents} documents of {seq_len // args.documents} tokens, "
+                      f"{flops_sparse[0] / packed[0]:.2f}x fewer forward FLOPs than the unpacked S2")
             results, errors = {}, {}
             for name in args.methods:
-                make, sparse, has_backward = table[name]
+                make, _, has_backward = table[name]
                 try:
                     timing = time_attention(make(), shape, args.repeats, backward=has_backward)
                 except Exception as error:          # one method's failure (no kernel, OOM, compile) is a result
@@ -131,7 +154,7 @@ def main(argv=None) -> int:
                     if shape.device == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                fwd_flops, bwd_flops = flops_sparse if sparse else flops_dense
+                fwd_flops, bwd_flops = flops[name]
                 timing["tflops_fwd_bwd" if has_backward else "tflops_fwd"] = tflops(
                     fwd_flops + (bwd_flops if has_backward else 0), timing["fwd_bwd_s" if has_backward else "forward_s"])
                 results[name] = timing

@@ -64,6 +64,7 @@ def test_phi3_small_layout():
     ("train.iters=many", ["many", "train.iters"]),                      # wrong type
     ("logging.wandb.mode=sometimes", ["sometimes", "logging.wandb.mode"]),
     ("attention.s2.block_size=1.5", ["1.5", "attention.s2.block_size"]),
+    ("data.default_documents=chapter", ["chapter", "data.default_documents"]),
 ])
 def test_schema_rejects_typos_and_types(override, words):
     with pytest.raises((ConfigCompositionException, ValidationError)) as info:
@@ -100,6 +101,10 @@ def test_schema_rejects_typos_and_types(override, words):
     (["train.lr=1e-5", "train.min_lr=1e-4"], 1, "train.lr=1e-05", ["train.min_lr (0.0001)"]),
     (["data.loss_token_ids=[65,257]"], 1, "data.loss_token_ids=[65,257]", ["[0, 257)"]),
     (["data.loss_token_ids=[]"], 1, "data.loss_token_ids=[]", ["non-empty"]),
+    (["data.reset_attention_mask=true"], 1, "data.reset_position_ids=false", ["data.reset_attention_mask (true)"]),
+    (["data.reset_position_ids=true"], 1, "data.reset_position_ids=true", ["data.reset_attention_mask (false)"]),
+    (["parallel.cp=2", "data.reset_attention_mask=true", "data.reset_position_ids=true"], 2,
+     "data.reset_attention_mask=true", ["packed documents are not supported with parallel.cp > 1"]),
 ])
 def test_validate_names_key_and_value(overrides, world_size, key, words):
     """A refusal is a ConfigError on the key the user sets (not the model side's argument name)."""
@@ -129,3 +134,11 @@ def test_short_run_clamps_warmup_with_a_note():
     assert len(notes) == 1 and notes[0].startswith("train.warmup_iters=20 does not fit"), notes
     cfg = validate(compose_config(["train.iters=200"]), world_size=1, note=notes.append)
     assert cfg.train.warmup_iters == 20 and len(notes) == 1
+
+
+def test_packing_validates_on_tp_and_dp():
+    """Packed documents (both keys on) pass with tensor and data parallelism; only cp is refused."""
+    packing = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
+    for world_size, parallel in ((1, []), (2, ["parallel.tp=2"]), (2, [])):
+        cfg = validate(compose_config(packing + parallel), world_size=world_size)
+        assert cfg.data.reset_attention_mask and cfg.data.reset_position_ids

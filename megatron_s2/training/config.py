@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
 
 from .data import check_indexed_dataset, load_tokenizer
-from .errors import ConfigError, require
+from .errors import ConfigError, require, show_value
 
 
 # The S2 pattern's schema is S2AttentionConfig's own fields, unfrozen so that recipes and
@@ -59,6 +59,11 @@ class LrDecayStyle(Enum):
 class NonFinitePolicy(Enum):
     stop = "stop"      # save diagnostics (iteration, non-finite parameters) and exit non-zero
     skip = "skip"      # drop the step's update; stop after train.max_consecutive_skips in a row
+
+
+class DocumentUnit(Enum):
+    file = "file"              # each source file is one document
+    paragraph = "paragraph"    # the text between blank lines (scripts/prepare_data.py's default)
 
 
 class WandbMode(Enum):
@@ -192,6 +197,10 @@ class DataConfig:
     prefixes: List[str] = field(default_factory=list)
     """Dataset path prefixes (without .bin/.idx). Empty: the embedded default, the Python
     standard library's source files, prepared on first use under data.cache_dir."""
+    default_documents: DocumentUnit = DocumentUnit.file
+    """The documents of the embedded default dataset: ``file`` (one per source file, mostly
+    longer than a sample) or ``paragraph`` (the code between blank lines, median 144 bytes: many
+    documents per sample, for data.reset_attention_mask). Ignored when data.prefixes is set."""
     weights: Optional[List[float]] = None
     """Blend weights, one per prefix; None weighs by size."""
     split: str = "98,2,0"
@@ -207,6 +216,16 @@ class DataConfig:
     """Score only the positions whose target token is one of these ids (e.g. the value tokens of
     a synthetic recall task, whose other tokens are noise by construction); None scores every
     token. Training and validation loss both use this mask."""
+    reset_attention_mask: bool = False
+    """Attend each document separately (Megatron's --reset-attention-mask): a document ends at and
+    includes the tokenizer's end-of-document token, and every sample starts one. A micro batch
+    [b, s] is packed into one sequence of b*s tokens with document boundaries (PackedSeqParams,
+    qkv_format thd); each document is attended from its own position 0 (S2 blocks relative to its
+    first token, nothing across documents). Needs data.reset_position_ids=true and parallel.cp=1."""
+    reset_position_ids: bool = False
+    """Restart position ids (RoPE) at every document (Megatron's --reset-position-ids). Under the
+    packed layout RoPE restarts exactly where attention does, so it must equal
+    data.reset_attention_mask."""
 
 
 @dataclass
@@ -500,6 +519,12 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
         for i, prefix in enumerate(prefixes):
             with _refusals_of(cfg, f"{key}[{i}]"):
                 check_indexed_dataset(prefix, f"{key}[{i}]")
+    require(d.reset_position_ids == d.reset_attention_mask, "data.reset_position_ids", d.reset_position_ids,
+             f"must equal data.reset_attention_mask ({show_value(d.reset_attention_mask)}): packed documents "
+             "restart RoPE positions exactly where attention restarts; set both to true or both to false")
+    require(not d.reset_attention_mask or p.cp == 1, "data.reset_attention_mask", True,
+             f"packed documents are not supported with parallel.cp > 1 (parallel.cp={p.cp}); use "
+             "parallel.tp or data parallelism, or set data.reset_attention_mask=false")
     require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer), "data.tokenizer", d.tokenizer,
              "must be 'byte' or a local Hugging Face tokenizer directory")
     if d.loss_token_ids is not None:

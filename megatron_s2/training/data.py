@@ -12,7 +12,8 @@
   ``BlendedMegatronDatasetBuilder`` (train/valid splits, blends; its sample indices are cached).
 - ``get_micro_batch`` gives one rank its slice of a global batch by sample position, so the data
   position is just the number of consumed samples and a resumed run reads what the uninterrupted
-  run would have read.
+  run would have read; ``pack_documents`` turns it into one pack of separately attended documents
+  (data.reset_attention_mask).
 """
 from __future__ import annotations
 
@@ -249,17 +250,18 @@ def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
                          f"data.tokenizer gives {tokenizer.unique_identifiers}")
 
 
-def default_dataset(cache_dir: str, tokenizer) -> str:
-    """The embedded default: the standard library's top-level .py files, prepared once and cached.
-    Returns the dataset prefix. Call it on one rank, then barrier."""
+def default_dataset(cache_dir: str, tokenizer, documents: str = "file") -> str:
+    """The embedded default: the standard library's top-level .py files, prepared once and cached,
+    one document per file (``documents`` 'file') or per paragraph ('paragraph', see
+    TEXT_DOCUMENTS_RULE). Returns the dataset prefix. Call it on one rank, then barrier."""
     stdlib = sysconfig.get_paths()["stdlib"]
     name = "stdlib-py{}.{}-{}".format(*sys.version_info[:2], tokenizer.unique_identifiers["class"])
-    prefix = os.path.join(cache_dir, "datasets", name)
+    prefix = os.path.join(cache_dir, "datasets", name + ("" if documents == "file" else f"-{documents}s"))
     if not os.path.isfile(prefix + ".idx"):
         files = sorted(os.path.join(stdlib, n) for n in os.listdir(stdlib) if n.endswith(".py"))
         print(f"preparing the default dataset from {len(files)} files in {stdlib} -> {prefix}",
               file=sys.stderr)
-        prepare_dataset(files, prefix, tokenizer, text_documents="file")
+        prepare_dataset(files, prefix, tokenizer, text_documents=documents)
     return prefix
 
 
@@ -377,6 +379,35 @@ def get_micro_batch(dataset, first_sample: int, micro_batch_size: int,
     if loss_token_ids is not None:
         batch["loss_mask"] = batch["loss_mask"] * torch.isin(batch["labels"], torch.tensor(loss_token_ids))
     return batch
+
+
+def pack_documents(batch: dict[str, torch.Tensor], eod: int) -> tuple[dict, list[list[int]]]:
+    """A micro batch of ``get_micro_batch`` (host tensors [b, s]) as one pack of b*s tokens whose
+    documents are attended separately (data.reset_attention_mask), as Megatron's
+    ``_get_ltor_masks_and_position_ids`` draws them: a document ends at and includes an ``eod``
+    token, the next token starts a new one, and so does every sample's first token (no document
+    spans two samples; none is empty).
+
+    Returns (pack, per-sample document lengths): the pack holds tokens, labels, loss_mask and
+    position_ids as [1, b*s] (position ids restart at 0 in every document), ``cu_seqlens`` (int32
+    [num_docs + 1], document starts over the flattened tokens, then b*s) and ``max_seqlen`` (int,
+    the longest document). Each sample's lengths sum to s. Computed on the host, before the batch
+    moves to the device, so nothing waits on the device.
+    """
+    b, s = batch["tokens"].shape
+    tokens = batch["tokens"].reshape(-1)
+    starts = torch.zeros(b * s, dtype=torch.bool)
+    starts[::s] = True
+    starts[1:] |= tokens[:-1] == eod
+    begins = starts.nonzero().flatten()
+    lengths = torch.diff(begins, append=torch.tensor([b * s]))
+    document = torch.cumsum(starts, 0) - 1
+    pack = {key: batch[key].reshape(1, b * s) for key in ("tokens", "labels", "loss_mask")}
+    pack["position_ids"] = (torch.arange(b * s) - begins[document]).reshape(1, b * s)
+    pack["cu_seqlens"] = torch.cat([begins, torch.tensor([b * s])]).to(torch.int32)
+    pack["max_seqlen"] = int(lengths.max())
+    per_sample = torch.split(lengths, torch.bincount(begins // s, minlength=b).tolist())
+    return pack, [sample.tolist() for sample in per_sample]
 
 
 def micro_batch_start(consumed_samples: int, accumulation_step: int, dp_rank: int, dp_size: int,

@@ -21,6 +21,10 @@ gradients.
   default) the schedules divide by the tokens and by the number of micro batches
   (``schedules.forward_step_calc_loss``) and DDP scales gradients by 1 / (dp x cp) before summing.
 
+A micro batch is [b, s] tensors (tokens, labels, loss_mask, position_ids) or, with
+data.reset_attention_mask, one pack of documents ([1, b*s] plus cu_seqlens and max_seqlen, see
+``data.pack_documents``), which both engines hand to the model as Megatron's PackedSeqParams.
+
 Under context parallelism (both engines) a micro batch's tokens are this rank's loss-masked
 tokens: the objective is the mean of the CP ranks' local token means, which is the micro batch's
 token mean when every CP chunk holds as many loss-masked tokens (e.g. no mask). CPU tests check
@@ -36,14 +40,26 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                         optim_state_to_sharding_state)
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from .config import PretrainConfig, Precision
 
 
+def _model_forward(model, batch) -> torch.Tensor:
+    """The per-token loss [b, s] of one micro batch; a pack (``data.pack_documents``: [1, b*s]
+    with ``cu_seqlens`` and ``max_seqlen``) goes in as Megatron's PackedSeqParams (thd)."""
+    packed = None
+    if "cu_seqlens" in batch:
+        cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=longest, max_seqlen_kv=longest)
+    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+
+
 def _forward_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_sum, num_tokens, per-token loss [b, s]) of one micro batch."""
-    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    per_token = _model_forward(model, batch)
     mask = batch["loss_mask"]
     return (per_token.float() * mask).sum(), mask.sum(), per_token
 
@@ -182,8 +198,13 @@ def schedule_shape(cfg: PretrainConfig) -> dict:
     """``seq_length`` and ``micro_batch_size`` for Megatron's forward-backward schedules: the whole
     training sequence, not this rank's part. The schedules size the pipeline send/receive buffers
     themselves as [seq_length / cp (/ tp under sequence parallelism), micro_batch_size, hidden]
-    (``schedules.get_tensor_shapes`` in megatron-core 0.16)."""
-    return {"seq_length": cfg.train.seq_length, "micro_batch_size": cfg.train.micro_batch_size}
+    (``schedules.get_tensor_shapes`` in megatron-core 0.16). With data.reset_attention_mask a
+    micro batch is one pack of train.seq_length x train.micro_batch_size tokens ([t, 1, hidden]
+    between stages): seq_length is that product and micro_batch_size 1."""
+    t = cfg.train
+    if cfg.data.reset_attention_mask:
+        return {"seq_length": t.seq_length * t.micro_batch_size, "micro_batch_size": 1}
+    return {"seq_length": t.seq_length, "micro_batch_size": t.micro_batch_size}
 
 
 class GpuEngine:
@@ -215,7 +236,7 @@ class GpuEngine:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            per_token = _model_forward(model, batch)
 
             def loss_func(output_tensor):
                 # (sum, tokens, report): Megatron divides by this rank's tokens and micro batches.

@@ -34,13 +34,14 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
-from megatron_s2 import build_gpt_model, training_flops_per_token
+from megatron_s2 import FlopsPerToken, build_gpt_model, training_flops_per_token
 from megatron_s2.accelerators import describe as describe_accelerators
 from megatron_s2.context_parallel import cp_exchange_report, split_batch_for_cp
 
 from . import checkpoint as ckpt
 from .config import Device, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
-from .data import build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start
+from .data import (build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start,
+                   pack_documents)
 from .engine import CpuEngine, GpuEngine
 from .errors import RunInterrupted, require
 from .metrics import MetricsLogger, say
@@ -207,9 +208,9 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     prefixes = list(cfg.data.prefixes)
     if not prefixes:
         if rank == 0:
-            default_dataset(cfg.data.cache_dir, tokenizer)
+            default_dataset(cfg.data.cache_dir, tokenizer, cfg.data.default_documents.value)
         dist.barrier()
-        prefixes = [default_dataset(cfg.data.cache_dir, tokenizer)]
+        prefixes = [default_dataset(cfg.data.cache_dir, tokenizer, cfg.data.default_documents.value)]
     # Every evaluation reads the same first eval_iters global batches of the validation split.
     train_ds, valid_ds = build_datasets(
         prefixes, cfg.data.weights, list(cfg.data.valid_prefixes), cfg.data.split, tokenizer,
@@ -245,27 +246,48 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
 
     log = MetricsLogger(cfg, enabled=rank == 0, flops=flops, world_size=world_size,
                         start_iteration=iteration)
+    packed = cfg.data.reset_attention_mask
     log.message(f"{'resumed from ' + path if path else 'starting'} at iteration {iteration} | layout "
                 f"{cfg.attention.layout} | global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
                 f"dp {dp_size} x accumulation {accumulation} | {flops.sparse / 1e9:.3f} GFLOP/token "
-                f"(dense-equivalent {flops.dense_equivalent / 1e9:.3f})")
+                f"(dense-equivalent {flops.dense_equivalent / 1e9:.3f})"
+                + (" unpacked; TFLOP/s count each step's packed documents" if packed else ""))
     if cfg.parallel.cp > 1:
         log.message(cp_exchange_report(config, cfg.attention.s2, cfg.attention.layout, t.seq_length,
                                        t.micro_batch_size, parallel_state.get_context_parallel_rank(),
                                        head_offset=parallel_state.get_tensor_model_parallel_rank()
                                        * config.num_attention_heads // cfg.parallel.tp))
 
-    def global_batch(dataset, first_sample):
-        batches = []
+    def global_batch(dataset, first_sample) -> tuple[list[dict], list[list[int]]]:
+        """This rank's micro batches of a global batch, on the device, and (packed) the document
+        lengths of each of their samples (packed on the host, before the copy)."""
+        batches, documents = [], []
         for step in range(accumulation):
             start = micro_batch_start(first_sample, step, dp_rank, dp_size, t.micro_batch_size)
             batch = get_micro_batch(dataset, start, t.micro_batch_size, cfg.data.loss_token_ids)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if packed:
+                batch, lengths = pack_documents(batch, tokenizer.eod)
+                documents += lengths
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             batches.append(split_batch_for_cp(batch, cfg.parallel.cp, parallel_state.get_context_parallel_rank()))
-        return batches
+        return batches, documents
+
+    def step_flops(documents: list[list[int]]) -> FlopsPerToken:
+        """Training FLOPs per token of this step's global batch: the run's figure, or when packed
+        the mean over every sample of the global batch of its own figure (its documents'
+        blocks only), summed over the data-parallel ranks (a collective)."""
+        if not packed:
+            return flops
+        per_sample = [training_flops_per_token(config, cfg.attention.layout, cfg.attention.s2, t.seq_length,
+                                               vocab_size, document_lengths=lengths) for lengths in documents]
+        total = torch.tensor([sum(f.sparse for f in per_sample), sum(f.dense_equivalent for f in per_sample)],
+                             dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        sparse, dense = (total / t.global_batch_size).tolist()
+        return FlopsPerToken(sparse=sparse, dense_equivalent=dense)
 
     def evaluate() -> float:
-        losses = [engine.eval_step(global_batch(valid_ds, k * t.global_batch_size)) for k in range(t.eval_iters)]
+        losses = [engine.eval_step(global_batch(valid_ds, k * t.global_batch_size)[0]) for k in range(t.eval_iters)]
         return sum(losses) / len(losses)
 
     def save() -> str:
@@ -283,7 +305,9 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
         while iteration < t.iters:
             start = time.time()
             lr = engine.optimizer.param_groups[0]["lr"]
-            loss = engine.forward_backward(global_batch(train_ds, consumed))
+            batches, documents = global_batch(train_ds, consumed)
+            this_step_flops = step_flops(documents)
+            loss = engine.forward_backward(batches)
             if iteration + 1 in cfg.debug.inject_nan_at_iters and rank == 0:
                 _inject_nan_grad(engine.module, cfg.debug.inject_nan_param)
             grad_norm = engine.grad_norm()
@@ -305,7 +329,7 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
             iteration += 1
             consumed += t.global_batch_size
             if finite:
-                log.step(iteration, loss, lr, grad_norm, time.time() - start)
+                log.step(iteration, loss, lr, grad_norm, time.time() - start, this_step_flops)
             if valid_ds is not None and (iteration % t.eval_interval == 0 or iteration == t.iters):
                 val_loss = evaluate()
                 log.validation(iteration, val_loss)

@@ -1,7 +1,8 @@
 """Run outputs from rank 0: console line, metrics.jsonl, wandb, resolved config, layout picture.
 
 Per log interval one record: iteration, loss (mean over the interval), lr, grad_norm, tokens_per_sec,
-tflops_per_device (sparse-aware FLOPs model: only the attention blocks the layout computes),
+tflops_per_device (sparse-aware FLOPs model: only the attention blocks the layout computes; with
+packed documents only each step's within-document blocks),
 tflops_dense_equiv_per_device (the same model counted dense, labelled as such), mfu (from
 tflops_per_device; None without a known peak), step_time, memory_gib (CUDA peak allocated, or
 the process's peak RSS on CPU), eta_s. Validation records carry iteration and val_loss; a step
@@ -25,6 +26,7 @@ import warnings
 import torch
 import yaml
 
+from ..flops import FlopsPerToken
 from ..plots import plot_layout
 from .config import PretrainConfig, WandbMode, to_plain_dict
 
@@ -92,7 +94,9 @@ def wandb_mode(mode: WandbMode) -> str:
 
 
 class MetricsLogger:
-    """Console + metrics.jsonl + wandb on rank 0; a no-op elsewhere."""
+    """Console + metrics.jsonl + wandb on rank 0; a no-op elsewhere. ``flops`` (the run's training
+    FLOPs per token of a whole, unpacked sequence) goes into the wandb config; the logged TFLOP/s
+    use each step's own figure (``step``)."""
 
     def __init__(self, cfg: PretrainConfig, *, enabled: bool, flops, world_size: int,
                  start_iteration: int) -> None:
@@ -101,6 +105,7 @@ class MetricsLogger:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.start_iteration = start_iteration
         self.window_losses: list[float] = []
+        self.window_flops: list[FlopsPerToken] = []
         self.window_time = 0.0
         self.run_start = time.time()
         self.wandb = None
@@ -153,22 +158,27 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in record.items() if k != "iteration" and v is not None},
                            step=record["iteration"])
 
-    def step(self, iteration: int, loss: float, lr: float, grad_norm: float, step_time: float) -> None:
-        """Record one optimizer step; write a record every logging.interval steps."""
+    def step(self, iteration: int, loss: float, lr: float, grad_norm: float, step_time: float,
+             flops: FlopsPerToken) -> None:
+        """Record one optimizer step (``flops``: training FLOPs per token of its global batch);
+        write a record every logging.interval steps."""
         self.window_losses.append(loss)
+        self.window_flops.append(flops)
         self.window_time += step_time
         if iteration % self.cfg.logging.interval and iteration != self.cfg.train.iters:
             return
         if self.enabled:
             self._log_window(iteration, lr, grad_norm)
-        self.window_losses, self.window_time = [], 0.0
+        self.window_losses, self.window_flops, self.window_time = [], [], 0.0
 
     def _log_window(self, iteration: int, lr: float, grad_norm: float) -> None:
         steps = len(self.window_losses)
         mean_step = self.window_time / steps
         tokens_per_sec = self.tokens_per_step / mean_step
-        tflops = self.flops.sparse * tokens_per_sec / self.world_size / 1e12
-        tflops_dense = self.flops.dense_equivalent * tokens_per_sec / self.world_size / 1e12
+        # Every step has the same tokens: the window's FLOPs per token is the mean over its steps.
+        tflops = sum(f.sparse for f in self.window_flops) / steps * tokens_per_sec / self.world_size / 1e12
+        tflops_dense = (sum(f.dense_equivalent for f in self.window_flops) / steps * tokens_per_sec
+                        / self.world_size / 1e12)
         mfu = tflops / self.peak if self.peak else None
         elapsed = time.time() - self.run_start
         eta = elapsed / (iteration - self.start_iteration) * (self.cfg.train.iters - iteration)

@@ -17,8 +17,8 @@ from megatron_s2.training import pretrain, validate
 from megatron_s2.training.config import compose_config
 from megatron_s2.training.data import (ByteTokenizer, build_datasets, default_dataset, get_micro_batch,
                                        pack_documents)
-from megatron_s2.training.engine import CpuEngine, _model_forward, schedule_shape
-from megatron_s2.training.loop import padded_vocab_size, transformer_config
+from megatron_s2.training.engine import CpuEngine, GpuEngine, _model_forward, schedule_shape
+from megatron_s2.training.loop import padded_vocab_size, seed_everything, transformer_config
 from test_train_loop import TINY, _losses, _records, _run, _torchrun
 
 E = ByteTokenizer.eod
@@ -118,6 +118,29 @@ def test_packed_micro_batch_equals_documents_one_at_a_time(layout):
         moved = max(((p.grad - packed_grads[n]).abs().max() / packed_grads[n].abs().max()).item()
                     for n, p in model.named_parameters())
         assert moved > 1e-2, moved
+
+
+@pytest.mark.gpu
+def test_gpu_engine_on_a_pack_equals_cpu_engine():
+    """On CUDA (fp32, one process): GpuEngine (Megatron DDP, distributed optimizer, schedules; its
+    forward_step) gives CpuEngine's loss and gradient norm on the same packed micro batches and
+    the same weights (drawn on the CPU); CpuEngine's packing is checked above."""
+    cfg = validate(compose_config(TINY + PACKING + ["train.device=cuda", "train.precision=fp32"]), world_size=1)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.where(torch.rand(4, 128, generator=gen) < 0.02, E, torch.randint(0, 256, (4, 128), generator=gen))
+    packs = [pack_documents(_micro_batch(tokens[i:i + 2]), E)[0] for i in (0, 2)]
+    packs = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in p.items()} for p in packs]
+    results = {}
+    with model_parallel_session(1):
+        for name in ("cpu", "gpu"):
+            seed_everything(cfg.train.seed, cuda=True)
+            config = transformer_config(cfg)
+            config.use_cpu_initialization = True
+            model = build_gpt_model(config, cfg.attention.s2, cfg.attention.layout,
+                                    vocab_size=padded_vocab_size(E + 1, cfg), max_sequence_length=128).cuda()
+            engine = CpuEngine(model, cfg) if name == "cpu" else GpuEngine(model, cfg, config)
+            results[name] = (engine.forward_backward(packs), engine.grad_norm())
+    assert results["gpu"] == pytest.approx(results["cpu"], rel=1e-4), results
 
 
 def test_pipeline_buffers_are_the_size_of_a_packs_hidden_states():

@@ -98,11 +98,14 @@ def parse_args(argv):
     for n in args.seq_lens or preset["seq_lens"]:
         if args.documents is not None and (args.documents < 1 or n % args.documents):
             p.error(f"--documents {args.documents}: must be >= 1 and divide every sequence length ({n})")
-    available = list(method_table(args.layout, preset["shape"], args.documents))
+    available = list(method_table(args.layout, preset["shape"], args.documents or 1))
     for name in args.methods or []:
         if name not in available:
             p.error(f"--methods {name}: not available with --preset {args.preset} (available: {' '.join(available)})")
-    args.methods = [m for m in args.methods or available if not (args.no_flex and m == "flex_attention")]
+        if name.endswith("_packed") and not args.documents:
+            p.error(f"--methods {name}: needs --documents N")
+    default = list(method_table(args.layout, preset["shape"], args.documents))
+    args.methods = [m for m in args.methods or default if not (args.no_flex and m == "flex_attention")]
     for name, value in (("--repeats", args.repeats), *(("--seq-lens", n) for n in args.seq_lens or [])):
         if value < 1:
             p.error(f"{name} {value}: must be >= 1")
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
             flops_sparse, flops_dense = attention_flops(layout, shape), attention_flops(None, shape)
             print(f"# seq {seq_len}: density {layout.density(seq_len):.3f}, "
                   f"{flops_dense[0] / flops_sparse[0]:.2f}x fewer forward FLOPs than dense causal")
-            if args.documents:
+            if any(name.endswith("_packed") for name in args.methods):
                 packed = attention_flops(layout, packed_shape(shape, args.documents))
                 print(f"# packed: {args.documents} documents of {seq_len // args.documents} tokens, "
                       f"{flops_sparse[0] / packed[0]:.2f}x fewer forward FLOPs than the unpacked S2")

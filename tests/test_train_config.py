@@ -101,9 +101,9 @@ def test_schema_rejects_typos_and_types(override, words):
     (["train.lr=1e-5", "train.min_lr=1e-4"], 1, "train.lr=1e-05", ["train.min_lr (0.0001)"]),
     (["data.loss_token_ids=[65,257]"], 1, "data.loss_token_ids=[65,257]", ["[0, 257)"]),
     (["data.loss_token_ids=[]"], 1, "data.loss_token_ids=[]", ["non-empty"]),
-    (["data.reset_attention_mask=true"], 1, "data.reset_position_ids=false", ["data.reset_attention_mask (true)"]),
-    (["data.reset_position_ids=true"], 1, "data.reset_position_ids=true", ["data.reset_attention_mask (false)"]),
-    (["parallel.cp=2", "data.reset_attention_mask=true", "data.reset_position_ids=true"], 2,
+    (["data.reset_attention_mask=true"], 1, "data.reset_attention_mask=true", ["needs data.reset_position_ids=true"]),
+    (["data.reset_position_ids=true"], 1, "data.reset_position_ids=true", ["needs data.reset_attention_mask=true"]),
+    (["parallel.cp=2", "data.reset_attention_mask=true", "data.reset_position_ids=true"], 1,
      "data.reset_attention_mask=true", ["packed documents are not supported with parallel.cp > 1"]),
 ])
 def test_validate_names_key_and_value(overrides, world_size, key, words):

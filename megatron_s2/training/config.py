@@ -453,6 +453,16 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
              f"must be a multiple of model.num_attention_heads ({m.num_attention_heads})")
 
+    # Packed documents (before the world size: more processes cannot fix these).
+    set_key, other = (("data.reset_attention_mask", "data.reset_position_ids") if d.reset_attention_mask
+                      else ("data.reset_position_ids", "data.reset_attention_mask"))
+    require(d.reset_position_ids == d.reset_attention_mask, set_key, True,
+             f"needs {other}=true too: packed documents restart RoPE positions exactly where attention "
+             "restarts; set both to true or both to false")
+    require(not d.reset_attention_mask or p.cp == 1, "data.reset_attention_mask", True,
+             f"packed documents are not supported with parallel.cp > 1 (parallel.cp={p.cp}); use "
+             "parallel.tp or data parallelism, or set data.reset_attention_mask=false")
+
     # Parallel layout and batch arithmetic.
     model_parallel = p.tp * p.cp * p.pp
     key = next(k for k in ("parallel.tp", "parallel.cp", "parallel.pp") if _lookup(cfg, k) > 1) \
@@ -519,12 +529,6 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
         for i, prefix in enumerate(prefixes):
             with _refusals_of(cfg, f"{key}[{i}]"):
                 check_indexed_dataset(prefix, f"{key}[{i}]")
-    require(d.reset_position_ids == d.reset_attention_mask, "data.reset_position_ids", d.reset_position_ids,
-             f"must equal data.reset_attention_mask ({show_value(d.reset_attention_mask)}): packed documents "
-             "restart RoPE positions exactly where attention restarts; set both to true or both to false")
-    require(not d.reset_attention_mask or p.cp == 1, "data.reset_attention_mask", True,
-             f"packed documents are not supported with parallel.cp > 1 (parallel.cp={p.cp}); use "
-             "parallel.tp or data parallelism, or set data.reset_attention_mask=false")
     require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer), "data.tokenizer", d.tokenizer,
              "must be 'byte' or a local Hugging Face tokenizer directory")
     if d.loss_token_ids is not None:

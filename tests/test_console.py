@@ -62,8 +62,9 @@ def test_console_lines_and_a_rerun_of_the_finished_run(tmp_path, cache_dir):
     again = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout == (f"run.dir {run_dir} is complete: its checkpoint iter_0000004 is at train.iters=4, "
-                            "nothing to do. To train further raise train.iters (e.g. train.iters=8); for a new "
-                            "run use a new run.dir\n")
+                            "nothing to do. To train further raise train.iters (e.g. train.iters=8; the lr then "
+                            "decays over the new train.iters unless train.lr_decay_iters is set); for a new run "
+                            "use a new run.dir\n")
     assert _snapshot(run_dir) == before          # no new wandb run, no metrics, nothing
 
 

@@ -174,7 +174,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if resume is not None and resume[1] >= cfg.train.iters:
         say(f"run.dir {cfg.run.dir} is complete: its checkpoint {os.path.basename(resume[0])} is at "
             f"train.iters={cfg.train.iters}, nothing to do. To train further raise train.iters (e.g. "
-            f"train.iters={2 * resume[1]}); for a new run use a new run.dir")
+            f"train.iters={2 * resume[1]}; the lr then decays over the new train.iters unless "
+            f"train.lr_decay_iters is set); for a new run use a new run.dir")
         return {"iteration": resume[1], "loss": None, "val_loss": None, "checkpoint": resume[0],
                 "stopped_by_sigterm": False, "skipped_steps": 0, "complete": True}
     p = cfg.parallel

@@ -3,8 +3,9 @@
 Every backend has the signature ``fn(q, k, v, layout, softmax_scale, head_offset, q_offset,
 kv_offset) -> (out, lse)`` and is differentiable in q, k, v through both outputs. Empty inputs (no
 query, or no key) are answered here, the same whatever the backend, so backends see only
-non-empty ones. Packed (THD) input with ``cu_seqlens`` is answered here too: each document goes
-through the backend on its own slice, so every backend supports packing unchanged.
+non-empty ones. Packed (THD) input with ``cu_seqlens`` is answered here too: the Triton backend
+runs all documents in one launch per kernel (``triton_packed_attention``); the others run each
+document on its own slice, so they support packing unchanged.
 """
 from __future__ import annotations
 
@@ -152,9 +153,13 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
     document boundary. Zero-length documents (repeated entries) are allowed; a query document
     whose key document is empty gets out 0, lse -inf. q_offset and kv_offset must be 0.
     max_seqlen_q / max_seqlen_kv (optional, FlashAttention's names) must bound the longest
-    document. Cost: one host sync (cu_seqlens read back once), then each document runs through
-    the backend on a [1, len, heads, head_dim] view of its slice (no copy) and the results are
-    concatenated; work is the sum of per-document work, less than the unmasked pack.
+    document. Cost: one host sync (cu_seqlens read back once, for the checks and the lengths);
+    work is the sum of per-document work, less than the unmasked pack. Triton: one launch per
+    kernel for the whole pack (its grid covers (document, tile) pairs, so short documents take
+    few programs), with work lists built on the host from the tuple of lengths and cached on it;
+    a new tuple costs their build and copies to the device, which wait for it (a sync per kernel
+    tile shape). Other backends: each document runs on a [1, len, heads, head_dim] view of its
+    slice (no copy), and the results are concatenated.
 
     A query that sees no key gets out 0 and lse -inf; so do all queries when s_kv is 0, and batch 0
     or s_q 0 give empty out and lse, on every backend. backend "auto": Triton for CUDA tensors of a
@@ -174,6 +179,12 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
     softmax_scale = float(1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale)
     if not packed:
         out, lse = _attend(q, k, v, layout, softmax_scale, head_offset, q_offset, kv_offset, backend)
+        return (out, lse) if return_lse else out
+    if backend == "triton" and q.shape[0] > 0 and k.shape[0] > 0:
+        from .triton_attention import triton_packed_attention
+        q_lengths, kv_lengths = zip(*[(q1 - q0, k1 - k0) for q0, q1, k0, k1 in documents])
+        out, lse = triton_packed_attention(q, k, v, layout, softmax_scale, head_offset, cu_seqlens_q, cu_seqlens_kv,
+                                           q_lengths, kv_lengths)
         return (out, lse) if return_lse else out
     parts = [_attend(q[q0:q1][None], k[k0:k1][None], v[k0:k1][None], layout, softmax_scale, head_offset, 0, 0, backend)
              for q0, q1, k0, k1 in documents]

@@ -5,7 +5,8 @@ What the kernels compute, for every query head ``h`` of ``q`` and its kv head
 ``S2Layout`` (local window, the query head's strided residue under either ``head_sharding``, dense
 kv heads, ``homo_head``) with token-level causality (key position <= query position) and keys past
 ``s_kv`` masked. The forward saves the log-sum-exp; the backward is differentiable through both
-``out`` and ``lse``.
+``out`` and ``lse``. Packed documents (``triton_packed_attention``, THD with cu_seqlens): each
+document is attended as its own sequence from position 0, all documents in one launch per kernel.
 
 How:
 - The pattern is compiled once per (layout, lengths, offsets, head range, tile shape, device) into
@@ -25,11 +26,24 @@ How:
   order. Each gradient element has one writer and a fixed summation order: deterministic, no
   atomics, GQA without expanding K/V. Key tiles that no query reads (context parallelism) get no
   program.
+- Packed documents (the ``VARLEN`` constexpr of the same kernels): a document's index depends only
+  on its lengths, so the pack's index (``_document_index``) is the per-document ``_sparse_index``
+  of each distinct (s_q, s_kv), with one item (document, owned tile) per program: the grid covers
+  the documents' tiles only, and a program reads its document's rows from cu_seqlens. The dK/dV
+  chunks are cut over the items of the whole pack with one bound. Host syncs: none here when the
+  tuple of lengths was seen before (the lists are cached on it; ``s2_attention`` itself reads
+  cu_seqlens back once per call); a new tuple builds the lists on the host from the lengths and
+  copies them to the device with plain ``.to(device)`` copies, each of which waits for the
+  device: syncs happen only for a new tuple, for each of its tile shapes (forward, dQ, dK/dV).
 
 Limits: head_dim in {16, 32, 64, 128, 256}; block_size 16..128; fp16 / bf16 (fp32 accumulation)
 and fp32 (IEEE dots, slow; meant for the interpreter); the last dim of q, k, v must be contiguous
 (other strides are free: a transposed view of Megatron's [s, b, h, d] is read in place). CUDA
-tensors, or CPU tensors when the module was imported with TRITON_INTERPRET=1.
+tensors, or CPU tensors when the module was imported with TRITON_INTERPRET=1. Packed
+documents: the host builds the work lists of every new tuple of lengths, a loop over its distinct
+lengths (roughly 4 ms per distinct length and tile shape at 8 heads, seen once on a busy CPU; the
+per-document loop this replaces built the same per-length indices); GPU speed against that loop
+is unmeasured.
 """
 from __future__ import annotations
 
@@ -274,10 +288,63 @@ def _dkdv_work(layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offset: 
     chooses it with ``dkdv_chunk_bound``."""
     index = _sparse_index(layout, s_q, s_kv, q_offset, kv_offset, head_offset, num_heads, block_m,
                           block_n, True, device)
+    return index, _chunked_work(index, layout, head_offset, num_heads, chunk_bound, device)
+
+
+def _chunked_work(index: _SparseIndex, layout: S2Layout, head_offset: int, num_heads: int,
+                  chunk_bound: int | None, device: torch.device) -> _DkdvWork:
+    """The dK/dV programs of a dK/dV index (whose owned tiles may be a pack's items)."""
     group = layout.group_size
     kv_heads = (head_offset + num_heads - 1) // group - head_offset // group + 1
     work = _tile_work(index.bounds, kv_heads, head_offset % group, group)
-    return index, _split_work(work, chunk_bound or dkdv_chunk_bound(work), device)
+    return _split_work(work, chunk_bound or dkdv_chunk_bound(work), device)
+
+
+# -- packed documents ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _document_index(layout: S2Layout, q_lengths: tuple[int, ...], kv_lengths: tuple[int, ...],
+                    head_offset: int, num_heads: int, block_m: int, block_n: int, by_kv: bool,
+                    device: torch.device) -> tuple[_SparseIndex, torch.Tensor]:
+    """The index of a pack of documents (each from position 0) and its items.
+
+    items: int32 [items, 2], (document, owned tile) for every owned tile of every document in
+    document order (a document without rows on the owned side has none). The index's bounds are
+    [heads, items, 3]; its tile lists are those of ``_sparse_index`` of each distinct (s_q, s_kv),
+    stored once each. Built on the host from the lengths alone, then copied to ``device`` once.
+    """
+    cpu = torch.device("cpu")
+    if device != cpu:
+        index, items = _document_index(layout, q_lengths, kv_lengths, head_offset, num_heads, block_m,
+                                       block_n, by_kv, cpu)
+        return _SparseIndex(*(t.to(device) for t in (index.tiles, index.bounds, index.pattern))), items.to(device)
+    stored, tiles, bounds, items = {}, [], [], []     # stored: (s_q, s_kv) -> (index, its first entry)
+    for doc, lengths in enumerate(zip(q_lengths, kv_lengths)):
+        owned = triton.cdiv(lengths[1], block_n) if by_kv else triton.cdiv(lengths[0], block_m)
+        if owned == 0:
+            continue
+        if lengths not in stored:
+            index = _sparse_index(layout, *lengths, 0, 0, head_offset, num_heads, block_m, block_n, by_kv, cpu)
+            stored[lengths] = index, sum(len(t) for t in tiles)
+            tiles.append(index.tiles[:-1])
+        index, first = stored[lengths]
+        bounds.append(index.bounds + first)
+        items.append(torch.stack([torch.full((owned,), doc), torch.arange(owned)], 1))
+    return (_SparseIndex(tiles=torch.cat([*tiles, tiles[0].new_zeros(1)]), bounds=torch.cat(bounds, 1),
+                         pattern=index.pattern), torch.cat(items).int())
+
+
+@functools.lru_cache(maxsize=16)
+def _document_dkdv_work(layout: S2Layout, q_lengths: tuple[int, ...], kv_lengths: tuple[int, ...],
+                        head_offset: int, num_heads: int, block_m: int, block_n: int,
+                        chunk_bound: int | None, device: torch.device
+                        ) -> tuple[_SparseIndex, torch.Tensor, _DkdvWork]:
+    """``_document_index`` (by kv) and its dK/dV programs: the work of every kv tile of every
+    document, cut with one chunk bound (``dkdv_chunk_bound`` over the whole pack when None)."""
+    cpu_index, _ = _document_index(layout, q_lengths, kv_lengths, head_offset, num_heads, block_m, block_n,
+                                   True, torch.device("cpu"))
+    index, items = _document_index(layout, q_lengths, kv_lengths, head_offset, num_heads, block_m, block_n,
+                                   True, device)
+    return index, items, _chunked_work(cpu_index, layout, head_offset, num_heads, chunk_bound, device)
 
 
 # -- kernels ---------------------------------------------------------------------------------------
@@ -340,6 +407,31 @@ def _owned_tile(bounds_ptr, pattern_ptr, head, tile, num_tiles):
 
 
 @triton.jit
+def _owned_item(items_ptr, item, VARLEN: tl.constexpr, RELOAD: tl.constexpr = False):
+    """(document, owned tile) of item ``item``: row ``item`` of a pack's items (int32 [items, 2]),
+    else (0, item), a tile of the one sequence. ``RELOAD``: a volatile load, which the compiler
+    does not merge with an earlier one, so that the values need no registers in between."""
+    if VARLEN:
+        doc, tile = tl.load(items_ptr + 2 * item, volatile=RELOAD), tl.load(items_ptr + 2 * item + 1, volatile=RELOAD)
+    else:
+        doc, tile = 0, item
+    return doc, tile
+
+
+@triton.jit
+def _document_rows(cu_seqlens_ptr, doc, seqlen, VARLEN: tl.constexpr, RELOAD: tl.constexpr = False):
+    """(first row, length) of document ``doc`` of a pack, from cu_seqlens (int32 [docs + 1]);
+    else (0, seqlen), the one sequence. ``RELOAD`` as in ``_owned_item``."""
+    if VARLEN:
+        begin = tl.load(cu_seqlens_ptr + doc, volatile=RELOAD)
+        length = tl.load(cu_seqlens_ptr + doc + 1, volatile=RELOAD) - begin
+        begin = begin.to(tl.int64)
+    else:
+        begin, length = 0, seqlen
+    return begin, length
+
+
+@triton.jit
 def _forward_kv_tiles(acc, m_i, l_i, q, q_pos, k_base, v_base, stride_ks, stride_vs, seqlen_k,
                       kv_offset, tiles_ptr, first, last, residue, window, vert_stride, block_size,
                       qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
@@ -372,46 +464,57 @@ def _s2_forward_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    # sparse index (_SparseIndex; owned tiles = query tiles = grid axis 0)
+    # sparse index (_SparseIndex; owned tiles = query tiles, or a pack's items, = grid axis 0)
     tiles_ptr, bounds_ptr, pattern_ptr,
+    # packed documents (VARLEN; else None): items int32 [items, 2] (document, query tile), one per
+    # program on axis 0; cu_seqlens_q / _kv int32 [docs + 1], rows of the batch-1 q and k, v
+    items_ptr, cu_seqlens_q_ptr, cu_seqlens_kv_ptr,
     # heads: query head h uses local kv head (head_phase + h) // group_size, where
     # head_phase = head_offset % group_size
     num_heads, head_phase, group_size,
-    # sequence: lengths, absolute position of the first query / key, layout block facts
+    # sequence: lengths (of the whole pack with VARLEN), absolute position of the first query /
+    # key (0 with VARLEN: each document starts at 0), layout block facts
     seqlen_q, seqlen_k, q_offset, kv_offset, block_size, vert_stride,
     qk_scale,  # softmax_scale * log2(e): the kernel works in base 2
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
     c = (head_phase + h) // group_size
+    doc, pid_m = _owned_item(items_ptr, tl.program_id(0), VARLEN)
+    q_begin, len_q = _document_rows(cu_seqlens_q_ptr, doc, seqlen_q, VARLEN)
+    kv_begin, len_k = _document_rows(cu_seqlens_kv_ptr, doc, seqlen_k, VARLEN)
     start_m = pid_m * BLOCK_M
     q_pos = q_offset + start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, stride_qs, start_m, seqlen_q,
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh + q_begin * stride_qs, stride_qs, start_m, len_q,
                    BLOCK_M, HEAD_DIM, True)
-    k_base = k_ptr + b * stride_kb + c * stride_kh
-    v_base = v_ptr + b * stride_vb + c * stride_vh
-    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m, tl.num_programs(0))
+    k_base = k_ptr + b * stride_kb + c * stride_kh + kv_begin * stride_ks
+    v_base = v_ptr + b * stride_vb + c * stride_vh + kv_begin * stride_vs
+    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, tl.program_id(0),
+                                                    tl.num_programs(0))
 
     # A finite start for the running max keeps rows masked so far free of (-inf) - (-inf).
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, m_i, l_i = _forward_kv_tiles(acc, m_i, l_i, q, q_pos, k_base, v_base, stride_ks, stride_vs,
-                                      seqlen_k, kv_offset, tiles_ptr, first, mid, residue, window,
+                                      len_k, kv_offset, tiles_ptr, first, mid, residue, window,
                                       vert_stride, block_size, qk_scale, BLOCK_N, HEAD_DIM, False)
     acc, m_i, l_i = _forward_kv_tiles(acc, m_i, l_i, q, q_pos, k_base, v_base, stride_ks, stride_vs,
-                                      seqlen_k, kv_offset, tiles_ptr, mid, last, residue, window,
+                                      len_k, kv_offset, tiles_ptr, mid, last, residue, window,
                                       vert_stride, block_size, qk_scale, BLOCK_N, HEAD_DIM, True)
 
     seen = l_i > 0.0  # a row that sees no key: out 0, lse -inf
     l_safe = tl.where(seen, l_i, 1.0)
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    _store_rows(out_ptr + b * stride_ob + h * stride_oh, stride_os, start_m, seqlen_q,
+    # A pack's query rows again: kept in registers through the loops, they spilled (head_dim 64, sm_90)
+    doc, pid_m = _owned_item(items_ptr, tl.program_id(0), VARLEN, True)
+    q_begin, len_q = _document_rows(cu_seqlens_q_ptr, doc, seqlen_q, VARLEN, True)
+    start_m = pid_m * BLOCK_M
+    _store_rows(out_ptr + b * stride_ob + h * stride_oh + q_begin * stride_os, stride_os, start_m, len_q,
                 acc / l_safe[:, None], BLOCK_M, HEAD_DIM)
     rows = start_m + tl.arange(0, BLOCK_M)
-    tl.store(lse_ptr + (b * num_heads + h) * seqlen_q + rows, lse, mask=rows < seqlen_q)
+    tl.store(lse_ptr + (b * num_heads + h) * seqlen_q + q_begin + rows, lse, mask=rows < len_q)
 
 
 @triton.jit
@@ -472,38 +575,42 @@ def _s2_backward_dq_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    # sparse index (_SparseIndex; owned tiles = query tiles = grid axis 0)
+    # sparse index (_SparseIndex; owned tiles = query tiles, or a pack's items, = grid axis 0)
     tiles_ptr, bounds_ptr, pattern_ptr,
-    # heads and sequence as in _s2_forward_kernel
+    # packed documents, heads and sequence as in _s2_forward_kernel
+    items_ptr, cu_seqlens_q_ptr, cu_seqlens_kv_ptr,
     num_heads, head_phase, group_size,
     seqlen_q, seqlen_k, q_offset, kv_offset, block_size, vert_stride,
     sm_scale, qk_scale,  # softmax scale, and it times log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
     c = (head_phase + h) // group_size
+    doc, pid_m = _owned_item(items_ptr, tl.program_id(0), VARLEN)
+    q_begin, len_q = _document_rows(cu_seqlens_q_ptr, doc, seqlen_q, VARLEN)
+    kv_begin, len_k = _document_rows(cu_seqlens_kv_ptr, doc, seqlen_k, VARLEN)
     start_m = pid_m * BLOCK_M
     q_pos = q_offset + start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, stride_qs, start_m, seqlen_q,
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh + q_begin * stride_qs, stride_qs, start_m, len_q,
                    BLOCK_M, HEAD_DIM, True)
-    do = _load_rows(dout_ptr + b * stride_dob + h * stride_doh, stride_dos, start_m, seqlen_q,
-                    BLOCK_M, HEAD_DIM, True)
-    stats = (b * num_heads + h) * seqlen_q
-    lse2, delta = _load_row_stats(lse_ptr + stats, delta_ptr + stats, start_m, seqlen_q, BLOCK_M, True)
-    k_base = k_ptr + b * stride_kb + c * stride_kh
-    v_base = v_ptr + b * stride_vb + c * stride_vh
-    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_m, tl.num_programs(0))
+    do = _load_rows(dout_ptr + b * stride_dob + h * stride_doh + q_begin * stride_dos, stride_dos, start_m,
+                    len_q, BLOCK_M, HEAD_DIM, True)
+    stats = (b * num_heads + h) * seqlen_q + q_begin
+    lse2, delta = _load_row_stats(lse_ptr + stats, delta_ptr + stats, start_m, len_q, BLOCK_M, True)
+    k_base = k_ptr + b * stride_kb + c * stride_kh + kv_begin * stride_ks
+    v_base = v_ptr + b * stride_vb + c * stride_vh + kv_begin * stride_vs
+    first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, tl.program_id(0),
+                                                    tl.num_programs(0))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_kv_tiles(dq, q, do, lse2, delta, q_pos, k_base, v_base, stride_ks, stride_vs, seqlen_k,
+    dq = _dq_kv_tiles(dq, q, do, lse2, delta, q_pos, k_base, v_base, stride_ks, stride_vs, len_k,
                       kv_offset, tiles_ptr, first, mid, residue, window, vert_stride, block_size,
                       qk_scale, BLOCK_N, HEAD_DIM, False)
-    dq = _dq_kv_tiles(dq, q, do, lse2, delta, q_pos, k_base, v_base, stride_ks, stride_vs, seqlen_k,
+    dq = _dq_kv_tiles(dq, q, do, lse2, delta, q_pos, k_base, v_base, stride_ks, stride_vs, len_k,
                       kv_offset, tiles_ptr, mid, last, residue, window, vert_stride, block_size,
                       qk_scale, BLOCK_N, HEAD_DIM, True)
-    _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh, stride_dqs, start_m, seqlen_q,
+    _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh + q_begin * stride_dqs, stride_dqs, start_m, len_q,
                 dq * sm_scale, BLOCK_M, HEAD_DIM)
 
 
@@ -551,27 +658,35 @@ def _s2_backward_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    # sparse index (_SparseIndex per query head; owned tiles = kv tiles) and the chunk programs
-    # (_DkdvWork.chunks, one per grid axis 0); partial: float32 [batch, num_partials, 2, BLOCK_N,
-    # HEAD_DIM], contiguous, the unscaled dK and dV of chunks whose tile is split
-    tiles_ptr, bounds_ptr, pattern_ptr, chunks_ptr, partial_ptr, num_partials,
+    # sparse index (_SparseIndex per query head; owned tiles = kv tiles, or a pack's items, of
+    # which there are num_items) and the chunk programs (_DkdvWork.chunks, one per grid axis 0);
+    # partial: float32 [batch, num_partials, 2, BLOCK_N, HEAD_DIM], contiguous, the unscaled dK
+    # and dV of chunks whose tile is split
+    tiles_ptr, bounds_ptr, pattern_ptr, num_items, chunks_ptr, partial_ptr, num_partials,
+    # packed documents as in _s2_forward_kernel (items: document, kv tile)
+    items_ptr, cu_seqlens_q_ptr, cu_seqlens_kv_ptr,
     # heads as in _s2_forward_kernel, plus the number of kv heads of k
     num_heads, num_kv_heads, head_phase, group_size,
     # sequence as in _s2_forward_kernel
     seqlen_q, seqlen_k, q_offset, kv_offset, block_size, vert_stride,
     sm_scale, qk_scale,  # softmax scale, and it times log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One chunk of one kv tile's work: entries [lo, hi) of the concatenation, over the query heads
     of its kv head in order, of their visited-tile lists. A tile's only chunk writes dK/dV; the
     chunks of a split tile write partials for _s2_backward_dkdv_reduce_kernel."""
     chunk = chunks_ptr + tl.program_id(0) * 5
-    pid_n, c, lo, hi, slot = tl.load(chunk), tl.load(chunk + 1), tl.load(chunk + 2), tl.load(chunk + 3), tl.load(chunk + 4)
+    item, c, lo, hi, slot = tl.load(chunk), tl.load(chunk + 1), tl.load(chunk + 2), tl.load(chunk + 3), tl.load(chunk + 4)
     b, c = tl.program_id(1).to(tl.int64), c.to(tl.int64)
+    doc, pid_n = _owned_item(items_ptr, item, VARLEN)
+    q_begin, len_q = _document_rows(cu_seqlens_q_ptr, doc, seqlen_q, VARLEN)
+    kv_begin, len_k = _document_rows(cu_seqlens_kv_ptr, doc, seqlen_k, VARLEN)
     start_n = pid_n * BLOCK_N
     k_pos = kv_offset + start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_ptr + b * stride_kb + c * stride_kh, stride_ks, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
-    v = _load_rows(v_ptr + b * stride_vb + c * stride_vh, stride_vs, start_n, seqlen_k, BLOCK_N, HEAD_DIM, True)
+    k = _load_rows(k_ptr + b * stride_kb + c * stride_kh + kv_begin * stride_ks, stride_ks, start_n, len_k,
+                   BLOCK_N, HEAD_DIM, True)
+    v = _load_rows(v_ptr + b * stride_vb + c * stride_vh + kv_begin * stride_vs, stride_vs, start_n, len_k,
+                   BLOCK_N, HEAD_DIM, True)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -580,28 +695,27 @@ def _s2_backward_dkdv_kernel(
     done = 0
     for h in range(tl.maximum(c * group_size - head_phase, 0),
                    tl.minimum((c + 1) * group_size - head_phase, num_heads)):
-        first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, pid_n,
-                                                        tl.cdiv(seqlen_k, BLOCK_N))
+        first, mid, last, residue, window = _owned_tile(bounds_ptr, pattern_ptr, h, item, num_items)
         lo_h, hi_h = first + lo - done, first + hi - done        # this chunk in head h's list
-        q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = dout_ptr + b * stride_dob + h * stride_doh
-        stats = (b * num_heads + h) * seqlen_q
+        q_base = q_ptr + b * stride_qb + h * stride_qh + q_begin * stride_qs
+        do_base = dout_ptr + b * stride_dob + h * stride_doh + q_begin * stride_dos
+        stats = (b * num_heads + h) * seqlen_q + q_begin
         dk, dv = _dkdv_q_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_ptr + stats,
-                               delta_ptr + stats, stride_qs, stride_dos, seqlen_q, q_offset,
-                               kv_offset + seqlen_k, tiles_ptr, tl.maximum(first, lo_h),
+                               delta_ptr + stats, stride_qs, stride_dos, len_q, q_offset,
+                               kv_offset + len_k, tiles_ptr, tl.maximum(first, lo_h),
                                tl.minimum(mid, hi_h), residue, window, vert_stride, block_size,
                                qk_scale, BLOCK_M, HEAD_DIM, False)
         dk, dv = _dkdv_q_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_ptr + stats,
-                               delta_ptr + stats, stride_qs, stride_dos, seqlen_q, q_offset,
-                               kv_offset + seqlen_k, tiles_ptr, tl.maximum(mid, lo_h),
+                               delta_ptr + stats, stride_qs, stride_dos, len_q, q_offset,
+                               kv_offset + len_k, tiles_ptr, tl.maximum(mid, lo_h),
                                tl.minimum(last, hi_h), residue, window, vert_stride, block_size,
                                qk_scale, BLOCK_M, HEAD_DIM, True)
         done += last - first
     if slot < 0:
-        _store_rows(dk_ptr + b * stride_dkb + c * stride_dkh, stride_dks, start_n, seqlen_k,
-                    dk * sm_scale, BLOCK_N, HEAD_DIM)
-        _store_rows(dv_ptr + b * stride_dvb + c * stride_dvh, stride_dvs, start_n, seqlen_k,
-                    dv, BLOCK_N, HEAD_DIM)
+        _store_rows(dk_ptr + b * stride_dkb + c * stride_dkh + kv_begin * stride_dks, stride_dks, start_n,
+                    len_k, dk * sm_scale, BLOCK_N, HEAD_DIM)
+        _store_rows(dv_ptr + b * stride_dvb + c * stride_dvh + kv_begin * stride_dvs, stride_dvs, start_n,
+                    len_k, dv, BLOCK_N, HEAD_DIM)
     else:
         dk_partial = _partial_tile(partial_ptr, b, slot, num_partials, BLOCK_N, HEAD_DIM)
         tl.store(dk_partial, dk)
@@ -610,18 +724,21 @@ def _s2_backward_dkdv_kernel(
 
 @triton.jit
 def _s2_backward_dkdv_reduce_kernel(
-    # dk, dv as in _s2_backward_dkdv_kernel; partial and num_partials too; reduce: _DkdvWork.reduce
+    # dk, dv as in _s2_backward_dkdv_kernel; partial and num_partials too; reduce: _DkdvWork.reduce;
+    # items and cu_seqlens_kv as in _s2_backward_dkdv_kernel (VARLEN; else None)
     dk_ptr, dv_ptr,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    partial_ptr, num_partials, reduce_ptr,
+    partial_ptr, num_partials, reduce_ptr, items_ptr, cu_seqlens_kv_ptr,
     seqlen_k, sm_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dK/dV of one split kv tile: its chunks' partials summed in chunk order (deterministic)."""
     row = reduce_ptr + tl.program_id(0) * 4
-    pid_n, c, first, count = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    item, c, first, count = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
     b, c = tl.program_id(1).to(tl.int64), c.to(tl.int64)
+    doc, pid_n = _owned_item(items_ptr, item, VARLEN)
+    kv_begin, len_k = _document_rows(cu_seqlens_kv_ptr, doc, seqlen_k, VARLEN)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for slot in range(first, first + count):
@@ -629,9 +746,9 @@ def _s2_backward_dkdv_reduce_kernel(
         dk += tl.load(dk_partial)
         dv += tl.load(dk_partial + BLOCK_N * HEAD_DIM)
     start_n = pid_n * BLOCK_N
-    _store_rows(dk_ptr + b * stride_dkb + c * stride_dkh, stride_dks, start_n, seqlen_k,
+    _store_rows(dk_ptr + b * stride_dkb + c * stride_dkh + kv_begin * stride_dks, stride_dks, start_n, len_k,
                 dk * sm_scale, BLOCK_N, HEAD_DIM)
-    _store_rows(dv_ptr + b * stride_dvb + c * stride_dvh, stride_dvs, start_n, seqlen_k,
+    _store_rows(dv_ptr + b * stride_dvb + c * stride_dvh + kv_begin * stride_dvs, stride_dvs, start_n, len_k,
                 dv, BLOCK_N, HEAD_DIM)
 
 
@@ -656,14 +773,31 @@ class _Problem:
     kv_offset: int
     softmax_scale: float
     configs: TileConfigs
+    documents: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    """A pack (batch 1; s_q and s_kv its token counts): the query and key length of each document."""
 
-    def index(self, config: KernelConfig, by_kv: bool, device: torch.device) -> _SparseIndex:
-        return _sparse_index(self.layout, self.s_q, self.s_kv, self.q_offset, self.kv_offset,
-                             self.head_offset, self.heads, config.block_m, config.block_n, by_kv, device)
+    def index(self, config: KernelConfig, by_kv: bool, device: torch.device
+              ) -> tuple[_SparseIndex, torch.Tensor | None, int]:
+        """The sparse index, a pack's items (None: owned tile i is program i) and their count."""
+        if self.documents is None:
+            owned = triton.cdiv(self.s_kv, config.block_n) if by_kv else triton.cdiv(self.s_q, config.block_m)
+            return _sparse_index(self.layout, self.s_q, self.s_kv, self.q_offset, self.kv_offset, self.head_offset,
+                                 self.heads, config.block_m, config.block_n, by_kv, device), None, owned
+        index, items = _document_index(self.layout, *self.documents, self.head_offset, self.heads, config.block_m,
+                                       config.block_n, by_kv, device)
+        return index, items, len(items)
 
-    def dkdv_work(self, config: KernelConfig, device: torch.device) -> tuple[_SparseIndex, _DkdvWork]:
-        return _dkdv_work(self.layout, self.s_q, self.s_kv, self.q_offset, self.kv_offset, self.head_offset,
-                          self.heads, config.block_m, config.block_n, DKDV_CHUNK, device)
+    def dkdv_work(self, config: KernelConfig, device: torch.device
+                  ) -> tuple[_SparseIndex, torch.Tensor | None, int, _DkdvWork]:
+        """``index`` by kv, and the dK/dV programs."""
+        if self.documents is None:
+            index, work = _dkdv_work(self.layout, self.s_q, self.s_kv, self.q_offset, self.kv_offset,
+                                     self.head_offset, self.heads, config.block_m, config.block_n, DKDV_CHUNK,
+                                     device)
+            return index, None, triton.cdiv(self.s_kv, config.block_n), work
+        index, items, work = _document_dkdv_work(self.layout, *self.documents, self.head_offset, self.heads,
+                                                 config.block_m, config.block_n, DKDV_CHUNK, device)
+        return index, items, len(items), work
 
     def geometry(self, with_kv_heads: bool = False) -> tuple:
         """The kernels' geometry arguments, in their order."""
@@ -675,29 +809,28 @@ class _Problem:
     def launch_options(self, config: KernelConfig) -> dict:
         """Tile constexprs and launch settings of a forward / dQ / dK-dV kernel."""
         return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=self.head_dim,
-                    num_warps=config.num_warps, num_stages=config.num_stages)
+                    VARLEN=self.documents is not None, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _bsh_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, p: _Problem):
+def _forward(q, k, v, p: _Problem, cu_seqlens: tuple):
     cfg = p.configs.forward
-    index = p.index(cfg, False, q.device)
+    index, items, programs = p.index(cfg, False, q.device)
     out = torch.empty_like(q)  # keeps q's memory order, e.g. [s, b, h, d] for a transposed view
     lse = torch.empty(p.batch, p.heads, p.s_q, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(p.s_q, cfg.block_m), p.batch * p.heads)
-    _s2_forward_kernel[grid](
+    _s2_forward_kernel[(programs, p.batch * p.heads)](
         q, k, v, out, lse,
         *_bsh_strides(q), *_bsh_strides(k), *_bsh_strides(v), *_bsh_strides(out),
-        index.tiles, index.bounds, index.pattern,
+        index.tiles, index.bounds, index.pattern, items, *cu_seqlens,
         *p.geometry(), p.softmax_scale * _LOG2E,
         **p.launch_options(cfg))
     return out, lse
 
 
-def _backward(q, k, v, out, lse, dout, dlse, p: _Problem):
+def _backward(q, k, v, out, lse, dout, dlse, p: _Problem, cu_seqlens: tuple):
     pre = p.configs.preprocess
     delta = torch.empty_like(lse)
     _s2_backward_preprocess_kernel[(triton.cdiv(p.s_q, pre.block_m), p.batch * p.heads)](
@@ -709,16 +842,16 @@ def _backward(q, k, v, out, lse, dout, dlse, p: _Problem):
     scales = (p.softmax_scale, p.softmax_scale * _LOG2E)
     dq = torch.empty_like(q)
     cfg = p.configs.backward_dq
-    index = p.index(cfg, False, q.device)
-    _s2_backward_dq_kernel[(triton.cdiv(p.s_q, cfg.block_m), p.batch * p.heads)](
+    index, items, programs = p.index(cfg, False, q.device)
+    _s2_backward_dq_kernel[(programs, p.batch * p.heads)](
         q, k, v, dout, lse, delta, dq,
         *_bsh_strides(q), *_bsh_strides(k), *_bsh_strides(v), *_bsh_strides(dout), *_bsh_strides(dq),
-        index.tiles, index.bounds, index.pattern,
+        index.tiles, index.bounds, index.pattern, items, *cu_seqlens,
         *p.geometry(), *scales,
         **p.launch_options(cfg))
 
     cfg = p.configs.backward_dkdv
-    index, work = p.dkdv_work(cfg, q.device)
+    index, items, num_items, work = p.dkdv_work(cfg, q.device)
     dk, dv = (torch.zeros_like(t) if work.idle_tiles else torch.empty_like(t) for t in (k, v))
     partial = torch.empty(p.batch, max(1, work.num_partials), 2, cfg.block_n, p.head_dim, device=q.device,
                           dtype=torch.float32)
@@ -727,24 +860,29 @@ def _backward(q, k, v, out, lse, dout, dlse, p: _Problem):
             q, k, v, dout, lse, delta, dk, dv,
             *_bsh_strides(q), *_bsh_strides(k), *_bsh_strides(v), *_bsh_strides(dout),
             *_bsh_strides(dk), *_bsh_strides(dv),
-            index.tiles, index.bounds, index.pattern, work.chunks, partial, work.num_partials,
+            index.tiles, index.bounds, index.pattern, num_items, work.chunks, partial, work.num_partials,
+            items, *cu_seqlens,
             *p.geometry(with_kv_heads=True), *scales,
             **p.launch_options(cfg))
     red = p.configs.backward_dkdv_reduce
     if len(work.reduce):
         _s2_backward_dkdv_reduce_kernel[(len(work.reduce), p.batch)](
             dk, dv, *_bsh_strides(dk), *_bsh_strides(dv), partial, work.num_partials, work.reduce,
-            p.s_kv, p.softmax_scale,
-            BLOCK_N=red.block_n, HEAD_DIM=p.head_dim, num_warps=red.num_warps, num_stages=red.num_stages)
+            items, cu_seqlens[1], p.s_kv, p.softmax_scale,
+            BLOCK_N=red.block_n, HEAD_DIM=p.head_dim, VARLEN=p.documents is not None,
+            num_warps=red.num_warps, num_stages=red.num_stages)
     return dq, dk, dv
 
 
 class _S2TritonAttention(torch.autograd.Function):
+    """Differentiable in q, k, v; ``cu_seqlens`` (cu_seqlens_q, cu_seqlens_kv) of a pack, or
+    (None, None)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, problem: _Problem):
-        out, lse = _forward(q, k, v, problem)
+    def forward(ctx, q, k, v, problem: _Problem, cu_seqlens: tuple):
+        out, lse = _forward(q, k, v, problem, cu_seqlens)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem = problem
+        ctx.problem, ctx.cu_seqlens = problem, cu_seqlens
         return out, lse
 
     @staticmethod
@@ -752,8 +890,8 @@ class _S2TritonAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout.stride(-1) != 1:  # e.g. an expanded scalar gradient
             dout = dout.contiguous()
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.problem)
-        return dq, dk, dv, None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.problem, ctx.cu_seqlens)
+        return dq, dk, dv, None, None
 
 
 def _check_inputs(q, k, v, layout: S2Layout, head_offset: int) -> None:
@@ -780,6 +918,14 @@ def _check_inputs(q, k, v, layout: S2Layout, head_offset: int) -> None:
                          f"got device {q.device}")
 
 
+def _problem(q, k, layout: S2Layout, softmax_scale: float, head_offset: int, q_offset: int,
+             kv_offset: int, documents=None) -> _Problem:
+    batch, s_q, heads, head_dim = q.shape
+    return _Problem(layout, batch, heads, k.shape[2], s_q, k.shape[1], head_dim, head_offset, q_offset,
+                    kv_offset, float(softmax_scale), tile_configs(head_dim, layout.block_size, q.dtype),
+                    documents)
+
+
 def triton_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offset: int,
                      q_offset: int, kv_offset: int):
     """S2 attention; returns (out like q, lse float32 [batch, heads, s_q]), differentiable in both.
@@ -789,8 +935,29 @@ def triton_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offse
     contiguous last dim. See ``s2attn.s2_attention`` for the meaning of the offsets.
     """
     _check_inputs(q, k, v, layout, head_offset)
-    batch, s_q, heads, head_dim = q.shape
-    problem = _Problem(layout, batch, heads, k.shape[2], s_q, k.shape[1], head_dim, head_offset,
-                       q_offset, kv_offset, float(softmax_scale),
-                       tile_configs(head_dim, layout.block_size, q.dtype))
-    return _S2TritonAttention.apply(q, k, v, problem)
+    problem = _problem(q, k, layout, softmax_scale, head_offset, q_offset, kv_offset)
+    return _S2TritonAttention.apply(q, k, v, problem, (None, None))
+
+
+def triton_packed_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offset: int,
+                            cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor,
+                            q_lengths: tuple[int, ...], kv_lengths: tuple[int, ...]):
+    """S2 attention over packed documents, all of them in one launch per kernel; returns (out like
+    q, lse float32 [heads, total_q]), differentiable in both.
+
+    q: [total_q, heads, head_dim]; k, v: [total_kv, kv_heads, head_dim] (contiguous last dim);
+    total_q, total_kv >= 1. cu_seqlens_q / _kv: int32 [docs + 1] on q's device, already checked
+    (``s2attn.api.document_bounds``); q_lengths / kv_lengths: the same document lengths on the
+    host (ints), which the kernels' work lists are built from (cached per tuple of lengths, so
+    nothing is read back from the device here). Semantics as ``s2attn.s2_attention`` with cu_seqlens.
+    """
+    _check_inputs(q[None], k[None], v[None], layout, head_offset)
+    if not (len(q_lengths) == len(kv_lengths) == cu_seqlens_q.numel() - 1 and sum(q_lengths) == q.shape[0]
+            and sum(kv_lengths) == k.shape[0]):
+        raise ValueError(f"q_lengths / kv_lengths ({len(q_lengths)} / {len(kv_lengths)} documents, "
+                         f"{sum(q_lengths)} / {sum(kv_lengths)} tokens) must describe the pack "
+                         f"({cu_seqlens_q.numel() - 1} documents, {q.shape[0]} / {k.shape[0]} tokens)")
+    problem = _problem(q[None], k[None], layout, softmax_scale, head_offset, 0, 0,
+                       (tuple(q_lengths), tuple(kv_lengths)))
+    out, lse = _S2TritonAttention.apply(q[None], k[None], v[None], problem, (cu_seqlens_q, cu_seqlens_kv))
+    return out[0], lse[0]

@@ -17,6 +17,10 @@ pointers from torch's allocator are 16-byte aligned. The argument *values* come 
   ``ones`` is a degenerate launch (one token, unit strides) that only has to compile and fit: the
   dK/dV kernel's dots come out without tensor-core instructions there.
 
+Every kernel with a ``VARLEN`` switch (packed documents) is compiled both ways, in every profile:
+with it, its ``items`` and ``cu_seqlens`` pointers are int32 tensors; without, they are None, which
+the JIT makes a constant, as the launch passes them.
+
 Values are chosen by argument name (``*_ptr`` pointers, ``stride_<tensor><dim>``, ``*scale``
 floats, other names integers), so a renamed or added argument still gets a type.
 
@@ -48,7 +52,9 @@ KERNELS = {"forward": ta._s2_forward_kernel, "preprocess": ta._s2_backward_prepr
            "backward_dkdv_reduce": ta._s2_backward_dkdv_reduce_kernel}
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr", "partial_ptr"}
-INDEX_POINTERS = {"tiles_ptr", "bounds_ptr", "pattern_ptr", "chunks_ptr", "reduce_ptr"}
+PACK_POINTERS = {"items_ptr", "cu_seqlens_q_ptr", "cu_seqlens_kv_ptr"}
+"""int32 tensors with VARLEN, None without."""
+INDEX_POINTERS = {"tiles_ptr", "bounds_ptr", "pattern_ptr", "chunks_ptr", "reduce_ptr", *PACK_POINTERS}
 KV_SHAPED, LSE_SHAPED = {"k", "v", "dk", "dv"}, {"dl"}
 """Tensors of ``stride_<tensor><dim>`` shaped [b, s, kv_heads, d] and float32 [b, h, s]; the
 others are [b, s, heads, d]."""
@@ -108,15 +114,17 @@ class Job:
 
     @property
     def name(self) -> str:
-        short = {"BLOCK_M": "m", "BLOCK_N": "n", "HEAD_DIM": "d"}
-        consts = "-".join(f"{short[k]}{v}" for k, v in self.constexprs)
+        short = {"BLOCK_M": "m", "BLOCK_N": "n", "HEAD_DIM": "d", "VARLEN": "varlen"}
+        consts = "-".join(f"{short[k]}{'' if k == 'VARLEN' else v}" for k, v in self.constexprs
+                          if k != "VARLEN" or v)
         return (f"{self.kernel}-{self.dtype}-{consts}-w{self.config.num_warps}s{self.config.num_stages}"
                 f"-{self.profile}")
 
 
 def _jobs() -> list[Job]:
     """Each distinct (kernel, dtype, constexprs, warps, stages) over the supported grid with the
-    launch profile, and the other profiles for SPECIALISED_CONFIG in fp16 / bf16, once each."""
+    launch profile, and the other profiles for SPECIALISED_CONFIG in fp16 / bf16, once each;
+    VARLEN both ways where a kernel has it."""
     jobs = {}
     for head_dim, block_size, dtype in itertools.product(ta.HEAD_DIMS, ta.BLOCK_SIZES, DTYPES):
         specialised = dict(head_dim=head_dim, block_size=block_size) == SPECIALISED_CONFIG and dtype != torch.float32
@@ -124,11 +132,13 @@ def _jobs() -> list[Job]:
         for field in dataclasses.fields(configs):
             config = getattr(configs, field.name)
             kernel = KERNELS[field.name]
-            values = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": head_dim}
-            constexprs = tuple((p.name, values[p.name]) for p in kernel.params if p.is_constexpr)
-            for profile in ["launch", *(PROFILES if specialised else [])]:
-                job = Job(field.name, DTYPES[dtype], head_dim, constexprs, config, profile)
-                jobs[job.name] = job
+            for varlen in (False, True):
+                values = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": head_dim,
+                          "VARLEN": varlen}
+                constexprs = tuple((p.name, values[p.name]) for p in kernel.params if p.is_constexpr)
+                for profile in ["launch", *(PROFILES if specialised else [])]:
+                    job = Job(field.name, DTYPES[dtype], head_dim, constexprs, config, profile)
+                    jobs[job.name] = job
     return sorted(jobs.values(), key=lambda j: j.name)
 
 
@@ -140,7 +150,11 @@ def _specialise(job: Job) -> tuple[dict, dict, dict]:
         if p.is_constexpr:
             signature[p.name] = "constexpr"
             continue
-        if p.name.endswith("_ptr"):
+        if p.name in PACK_POINTERS and not constexprs["VARLEN"]:
+            kind, attr = native_specialize_impl(CUDABackend, None, False, True, True)
+            assert kind == "constexpr"
+            constexprs[p.name] = attr
+        elif p.name.endswith("_ptr"):
             element = "fp32" if p.name in FLOAT32_POINTERS else "i32" if p.name in INDEX_POINTERS else job.dtype
             kind, attr = f"*{element}", "D"                         # torch allocations: 16-byte aligned
         else:

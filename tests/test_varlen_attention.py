@@ -1,10 +1,13 @@
 """Packed documents (THD, ``cu_seqlens``) through ``s2_attention``: every backend against the float64
 dense oracle with the document mask (``reference_document_attention``, which builds the whole
 pack's mask at once and never runs documents one by one), gradients included. The Triton checks
-run in an interpreter child process (see ``attention_cases``).
+(the fused path: every document in one launch per kernel) run in an interpreter child process
+(see ``attention_cases``).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import itertools
 import sys
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from attention_cases import Case, interpreted_results, run_checks
+from relative_error import BF16_TOLERANCE, assert_outputs_close
 from s2attn import S2Layout, s2_attention
 from s2attn.reference import reference_attention, reference_document_attention
 
@@ -64,12 +68,18 @@ def pack_inputs(pack: Pack, dtype, seed=0):
 
 
 def run_pack(backend: str, pack: Pack, q, k, v):
-    """out, lse and the grads of a loss that uses both; backend "oracle" is the dense document mask."""
+    """out, lse and the grads of a loss that uses both; backend "oracle" is the dense document mask,
+    "<backend>-separately" runs each document alone (unpacked) and concatenates."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     cu_q, cu_kv = cu_seqlens(pack.q_lengths).to(q.device), cu_seqlens(pack.kv).to(q.device)
     if backend == "oracle":
         out, lse = reference_document_attention(q, k, v, pack.case.layout(), q.shape[-1] ** -0.5,
                                                 pack.case.head_offset, cu_q, cu_kv)
+    elif backend.endswith("-separately"):
+        parts = [s2_attention(q[q0:q1][None], k[k0:k1][None], v[k0:k1][None], pack.case.layout(),
+                              head_offset=pack.case.head_offset, return_lse=True, backend=backend.split("-")[0])
+                 for q0, q1, k0, k1 in zip(cu_q.tolist(), cu_q[1:].tolist(), cu_kv.tolist(), cu_kv[1:].tolist())]
+        out, lse = torch.cat([o[0] for o, _ in parts]), torch.cat([l[0] for _, l in parts], 1)
     else:
         out, lse = s2_attention(q, k, v, pack.case.layout(), head_offset=pack.case.head_offset, return_lse=True,
                                 backend=backend, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
@@ -192,15 +202,103 @@ def test_packed_input_must_be_thd():
         s2_attention(q, q, q, S2Layout(4, 4, 16, 2, 2), cu_seqlens_q=cu, cu_seqlens_kv=cu)
 
 
+# -- Triton: the pack's work lists ----------------------------------------------------------------
+def _document_index(pack: Pack, by_kv: bool, block_m=32, block_n=16):
+    from s2attn.triton_attention import _document_index
+    c = pack.case
+    return _document_index(c.layout(), pack.q_lengths, pack.kv, c.head_offset, c.heads, block_m, block_n, by_kv,
+                           torch.device("cpu"))
+
+
+@pytest.mark.parametrize("by_kv", [False, True], ids=["by_q", "by_kv"])
+@pytest.mark.parametrize("pack", PACKS, ids=lambda p: p.name)
+def test_pack_index_is_each_documents_index(pack, by_kv):
+    """The pack's items are every owned tile of every document in order, and each item's visited
+    lists (every head) are those of the document's own index; cached on the lengths."""
+    pytest.importorskip("triton")
+    from s2attn.triton_attention import _sparse_index
+    c, (block_m, block_n) = pack.case, (32, 16)
+    index, items = _document_index(pack, by_kv)
+    assert _document_index(pack, by_kv)[0] is index
+    want_items = []
+    for doc, (s_q, s_kv) in enumerate(zip(pack.q_lengths, pack.kv)):
+        owned = -(-s_kv // block_n) if by_kv else -(-s_q // block_m)
+        want_items += [[doc, t] for t in range(owned)]
+    assert items.tolist() == want_items
+    assert index.bounds.shape == (c.heads, len(items), 3)
+    for i, (doc, t) in enumerate(items.tolist()):
+        own = _sparse_index(c.layout(), pack.q_lengths[doc], pack.kv[doc], 0, 0, c.head_offset, c.heads, block_m,
+                            block_n, by_kv, torch.device("cpu"))
+        assert torch.equal(index.pattern, own.pattern)
+        for h in range(c.heads):
+            (first, mid, last), (o_first, o_mid, o_last) = index.bounds[h, i].tolist(), own.bounds[h, t].tolist()
+            assert mid - first == o_mid - o_first, (doc, t, h)       # as many fully-active tiles
+            assert torch.equal(index.tiles[first:last], own.tiles[o_first:o_last]), (doc, t, h)
+
+
 # -- Triton, in the interpreter --------------------------------------------------------------------
-INTERPRETED_PACKS = [p for p in PACKS if p.name in ("shorter_than_a_block", "not_block_aligned_gqa", "length_one",
-                                                    "zero_length_documents", "query_sharding_tp_slice",
-                                                    "q_kv_lengths_differ")]
+@contextlib.contextmanager
+def _counted_launches():
+    """Counter of launches per kernel (every launch is ``kernel[grid](...)`` on the module's name),
+    with DKDV_CHUNK 2 so that split dK/dV tiles make the reduce kernel run too."""
+    import s2attn.triton_attention as ta
+    names = ("_s2_forward_kernel", "_s2_backward_preprocess_kernel", "_s2_backward_dq_kernel",
+             "_s2_backward_dkdv_kernel", "_s2_backward_dkdv_reduce_kernel")
+    kernels, launches = {name: getattr(ta, name) for name in names}, collections.Counter()
+
+    class Counted:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            launches[self.name] += 1
+            return kernels[self.name][grid]
+
+    for name in names:
+        setattr(ta, name, Counted(name))
+    ta.DKDV_CHUNK = 2
+    try:
+        yield launches
+    finally:
+        ta.DKDV_CHUNK = None
+        for name, kernel in kernels.items():
+            setattr(ta, name, kernel)
+
+
+def _check_one_launch_per_kernel(pack: Pack) -> None:
+    """Forward and backward of a whole pack launch each kernel once, whatever its document count,
+    and still match the oracle with dK/dV tiles split into chunks (partials and the reduce)."""
+    with _counted_launches() as launches:
+        assert_pack_matches_oracle("triton", pack, torch.float32)
+    assert dict(launches) == {name: 1 for name in launches} and len(launches) == 5, dict(launches)
+
+
+def _check_pack_equals_documents_run_separately(pack: Pack) -> None:
+    """The fused pack equals each document through the unpacked Triton kernels, concatenated."""
+    q, k, v = pack_inputs(pack, torch.float32)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), run_pack("triton", pack, q, k, v),
+                          run_pack("triton-separately", pack, q, k, v)):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _check_lengths_must_describe_the_pack() -> None:
+    from s2attn.triton_attention import triton_packed_attention
+    q, k, v = pack_inputs(PACKS[0], torch.float32)
+    cu = cu_seqlens(PACKS[0].q_lengths)
+    with pytest.raises(ValueError, match=r"must describe the pack \(3 documents, 17 / 17 tokens\)"):
+        triton_packed_attention(q, k, v, PACKS[0].case.layout(), 0.1, 0, cu, cu, (5, 3, 8), (5, 3, 9))
 
 
 def _interpreter_checks() -> dict:
-    return {p.name: functools.partial(assert_pack_matches_oracle, "triton", p, torch.float32)
-            for p in INTERPRETED_PACKS}
+    checks = {p.name: functools.partial(assert_pack_matches_oracle, "triton", p, torch.float32) for p in PACKS}
+    by_name = {p.name: p for p in PACKS}
+    checks.update({f"one_launch_per_kernel-{name}": functools.partial(_check_one_launch_per_kernel, by_name[name])
+                   for name in ("one_document", "many_documents")})
+    checks.update({f"equals_documents_run_separately-{name}":
+                   functools.partial(_check_pack_equals_documents_run_separately, by_name[name])
+                   for name in ("many_documents", "zero_length_documents", "q_kv_lengths_differ")})
+    checks["lengths_must_describe_the_pack"] = _check_lengths_must_describe_the_pack
+    return checks
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +310,24 @@ def interpreter_results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("check", list(_interpreter_checks()))
 def test_triton_interpreted(interpreter_results, check):
     assert interpreter_results[check] == "", interpreter_results[check]
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+GPU_PACK = Pack(Case("gpu_60_documents", heads=8, kv_heads=2, head_dim=128, block_size=64, local_blocks=4,
+                     vert_stride=8, num_dense_heads=1),
+                tuple(int(n) for n in torch.randint(0, 140, (60,), generator=torch.Generator().manual_seed(0))))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pack", PACKS + [GPU_PACK], ids=lambda p: p.name)
+def test_gpu_triton_pack_bf16(pack):
+    """bf16 through the fused pack within BF16_TOLERANCE (whole-tensor relative error) of the float64
+    oracle, and two runs bit-identical (deterministic backward)."""
+    q, k, v = (t.cuda() for t in pack_inputs(pack, torch.bfloat16))
+    got = run_pack("triton", pack, q, k, v)
+    assert_outputs_close(got, run_pack("oracle", pack, q.double(), k.double(), v.double()), BF16_TOLERANCE)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, run_pack("triton", pack, q, k, v)):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
 if __name__ == "__main__":

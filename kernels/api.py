@@ -172,6 +172,9 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
                                      q_offset, kv_offset)
         _validate(q[None], k[None], v[None], layout, head_offset, q_offset, kv_offset, backend)
     else:
+        if max_seqlen_q is not None or max_seqlen_kv is not None:
+            raise ValueError(f"max_seqlen_q and max_seqlen_kv ({max_seqlen_q!r}, {max_seqlen_kv!r}) go with "
+                             "cu_seqlens_q and cu_seqlens_kv; leave them None for [batch, seq, heads, head_dim] input")
         _validate(q, k, v, layout, head_offset, q_offset, kv_offset, backend)
     if backend == "auto":
         backend = ("triton" if q.is_cuda and _triton_supports(q.dtype, q.shape[-1], layout.block_size)

@@ -202,6 +202,12 @@ def test_packed_input_must_be_thd():
         s2_attention(q, q, q, S2Layout(4, 4, 16, 2, 2), cu_seqlens_q=cu, cu_seqlens_kv=cu)
 
 
+def test_max_seqlen_without_cu_seqlens_refused():
+    q = torch.randn(1, 32, 4, 32)
+    with pytest.raises(ValueError, match=r"max_seqlen_q and max_seqlen_kv \(50, None\) go with cu_seqlens"):
+        s2_attention(q, q, q, S2Layout(4, 4, 16, 2, 2), max_seqlen_q=50)
+
+
 # -- Triton: the pack's work lists ----------------------------------------------------------------
 def _document_index(pack: Pack, by_kv: bool, block_m=32, block_n=16):
     from s2attn.triton_attention import _document_index

@@ -93,7 +93,8 @@ class HybridStepBenchmark:
             ffn_hidden_size=self.ffn_hidden_size, normalization="RMSNorm", add_bias_linear=False,
             gated_linear_unit=self.swiglu, activation_func=F.silu if self.swiglu else F.gelu,
             hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype, bf16=cuda,
-            use_cpu_initialization=not cuda)
+            use_cpu_initialization=not cuda,
+            cuda_graph_scope=[])    # the whole layer; Megatron's default, "full", warns that it is deprecated
 
 
 @dataclass

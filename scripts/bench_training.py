@@ -20,9 +20,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: see docs/BENCHMARKS.md, "A shared CPU"
 
-from megatron_s2 import S2AttentionConfig
-from megatron_s2.benchmark import HybridStepBenchmark, format_sweep_table, run_benchmark, sweep
-from megatron_s2.plots import plot_speedups
+from megatron_s2.accelerators import quiet_fallback_notices
+
+quiet_fallback_notices()    # before Megatron is imported, here and in the spawned step processes
+
+from megatron_s2 import S2AttentionConfig  # noqa: E402
+from megatron_s2.benchmark import HybridStepBenchmark, format_sweep_table, run_benchmark, sweep  # noqa: E402
+from megatron_s2.plots import plot_speedups  # noqa: E402
 
 
 def s2_setting(text: str) -> tuple[str, object]:

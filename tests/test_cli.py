@@ -137,7 +137,7 @@ def test_rerun_of_a_complete_run_creates_nothing(tmp_path, capsys):
     before = _snapshot(run_dir)
     assert main([f"run.dir={run_dir}"]) == 0
     out, err = capsys.readouterr()
-    assert f"run.dir {run_dir} is complete" in out and "raise train.iters (e.g. train.iters=600)" in out
+    assert f"run.dir {run_dir} is complete" in out and "raise train.iters (e.g. train.iters=600;" in out
     assert err == ""
     assert _snapshot(run_dir) == before
 

@@ -1,62 +1,129 @@
 """The pure-PyTorch S2 attention path (CPU, and any device without Triton).
 
-What it computes: exactly the S2 pattern of ``layout.py`` (with token causality and bounds), as
-dense matmuls over the pattern's structure, never O(s^2) memory:
+What it computes: exactly the S2 pattern of ``layout.py`` (with token causality and bounds), as a
+few calls of a fused dense attention kernel over the pattern's structure, never O(s^2) memory:
 
-* the local window is a band: query block i sees key blocks i-W+1 .. i. Each query block's window
-  is one contiguous slab of K, so the windows of a chunk of query blocks are one ``as_strided``
-  view of K (no copy) and one batched matmul computes them;
-* the strided blocks of a head are a fixed column subset (the blocks with the head's residue
-  mod ``vert_stride``; every block for a dense head), gathered once per call. Query block i
-  attends those with j <= i - L (older than its window), so a chunk of query blocks multiplies
-  only the prefix of the subset it can see (causal skipping);
-* band and strided scores share one softmax per row (a common max and sum): nothing to merge.
+* the local window is a band: query block i sees key blocks i-W+1 .. i, one contiguous slab of K.
+  The windows of all query blocks are one ``as_strided`` view of K (no copy), so one call with the
+  query blocks as its batch attends every window, under a [rows, W*bs] mask broadcast over the
+  blocks (the diagonal block's causality). Blocks whose window reaches padding (before the first
+  key or past the last) take a call of their own with their exact mask;
+* the strided blocks of a head are a fixed column subset (the blocks with the head's residue mod
+  ``vert_stride``; every block for a dense head), gathered once per call. Query block i sees those
+  with j <= i - L (older than its window), so the consecutive query blocks that see the same
+  number of columns form a run (``vert_stride`` blocks for an S2 head, one for a dense head), and
+  one unmasked call attends a run's rows against that prefix of the columns (causal skipping);
+* band and strided results combine through their log-sum-exps (``merge.merge_attention``).
+
+The backward runs the kernel's backward on the same pieces, given the merged out and lse:
+FlashAttention's P = exp(S - lse) and Delta = rowsum(dO * out) hold on every subset of the keys.
+lse's gradient enters as Delta - dlse, through one extra feature column (0 in q, k, v; -dlse in
+out; 1 in dO), only when it is nonzero.
+
+The kernel (``_attend``, ``_attend_backward``): on the CPU, ATen's fused flash-attention kernel, the
+one behind ``F.scaled_dot_product_attention`` there, called through its lse-returning operators;
+elsewhere, the same formulas in matmuls (one call's scores in memory).
 
 The query heads of one kv head that share a pattern form a unit (``_Unit``): the whole group under
-"kv" sharding, one head under "query" sharding. A unit folds its heads into the rows of each query
-block ([nq, heads*block, d]) against its kv head's K/V, which are never expanded; the band is the
-same for every unit. Each (batch, unit) is its own problem, worked in chunks of query blocks that
-bound the score buffers; dK/dV of a kv head sum over its units. The backward recomputes the scores
-of a chunk (FlashAttention style: only q, K/V, out and lse are saved). Masks touch only the tiles
-that need them (the diagonal block, the window edges, the strided columns that the chunk's first
-query block cannot yet see). Arithmetic, out before the cast and lse in float32 (float64 for
-float64 inputs).
+"kv" sharding, one head under "query" sharding. The band is the same for every head, so its calls
+take all heads, each kv head's group folded into the rows of a query block ([nq, group*bs, d])
+against its K/V, which are never expanded. The strided calls go unit by unit. Arithmetic, out
+before the cast and lse in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .layout import S2Layout
+from .merge import safe_logsumexp
 
-_CHUNK_ELEMENTS = 1 << 21     # score elements per chunk: 8 MiB in fp32, reused by the allocator
+_NEG_INF = float("-inf")
+_BAND_GRAD_ELEMENTS = 1 << 20   # band window gradients per backward call: 4 MiB in fp32, in cache
+
+
+def _attend(q, k, v, mask, scale: float):
+    """Softmax attention with its lse, on ATen's fused CPU kernel (plain matmuls elsewhere).
+
+    q [B, H, Lq, d], k/v [B, H, Lk, d] (any strides with a contiguous last dim; an expanded k/v
+    is read, not copied), mask None or additive (0 / -inf, q's dtype) broadcastable to
+    [B, H, Lq, Lk]; scores are ``scale * q k^T + mask``. Returns out [B, H, Lq, d] and lse
+    [B, H, Lq] (float32, float64 for float64 q); rows that the mask hides entirely get out 0 and
+    lse -inf.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    else:
+        s = torch.matmul(q, k.transpose(-2, -1)) * scale
+        s = s if mask is None else s + mask
+        lse = safe_logsumexp(s, -1)
+        out = torch.matmul(torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)), v)
+    if mask is not None:                          # the fused kernel reports lse 0 for such rows
+        lse = lse.masked_fill(torch.isneginf(mask).all(-1), _NEG_INF)
+    return out, lse
+
+
+def _attend_backward(do, q, k, v, out, lse, mask, scale: float):
+    """(dq, dk, dv) of an ``_attend`` call that is one part of a larger attention, given the whole
+    attention's out [B, H, Lq, d] and lse [B, H, Lq] (+inf on rows that see no key, so P = 0):
+    P = exp(S - lse), dS = P * (dO v^T - rowsum(dO * out)) (FlashAttention-2, Dao 2023, alg. 2).
+    Shapes as ``_attend``; dk/dv come back [B, H, Lk, d] even for an expanded k/v."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    p = torch.exp((s if mask is None else s + mask) - lse.unsqueeze(-1))
+    ds = p * (torch.matmul(do, v.transpose(-2, -1)) - (do * out).sum(-1, keepdim=True))
+    return (torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-2, -1), q) * scale,
+            torch.matmul(p.transpose(-2, -1), do))
+
+
+def _additive(allowed: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """bool mask -> additive 0 / -inf mask (what the fused kernel adds to the scores)."""
+    return None if allowed is None else torch.zeros(allowed.shape, dtype=dtype, device=allowed.device) \
+        .masked_fill_(~allowed, _NEG_INF)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive query blocks [m0, m1) that see the same strided columns: the first ``cols``."""
+
+    m0: int
+    m1: int
+    cols: int
+    keys_ok: torch.Tensor | None
+    """bool [1, 1, 1, cols*bs]: which of the columns' keys exist, or None when all do (no mask)."""
 
 
 @dataclass(frozen=True)
 class _Unit:
-    """Query heads of one kv head that share their pattern, worked together as the rows of each
-    query block: a kv head's whole group under "kv" sharding, one head (or the heads that happen to
-    share a residue) under "query" sharding, all of a dense kv head's heads."""
+    """Query heads of one kv head that share their pattern: a kv head's whole group under "kv"
+    sharding, one head (or the heads that happen to share a residue) under "query" sharding, all
+    of a dense kv head's heads."""
 
     kv_head: int
     """Local kv head."""
-    heads: torch.Tensor
-    """long [n]: local query heads."""
-    col_abs: torch.Tensor
-    """long [c]: absolute strided key blocks (every key block for dense heads)."""
+    heads: slice
+    """Its local query heads (evenly spaced: the heads of a kv head with one residue)."""
     col_blocks: torch.Tensor
-    """long [c]: the same blocks as indices into the padded keys."""
+    """long [c]: the strided key blocks (every key block for dense heads) as indices into the
+    padded keys."""
+    runs: tuple
+    """The ``_Run`` s of query blocks that see at least one column."""
 
 
 class _Plan:
-    """Geometry of one call (cached): block counts, band placement, the units and their columns."""
+    """Geometry of one call (cached): block counts, band placement and its calls, the units."""
 
     def __init__(self, layout: S2Layout, s_q: int, s_kv: int, q_offset: int, kv_offset: int,
                  head_offset: int, heads: int, device: torch.device):
         bs, L = layout.block_size, layout.local_blocks
-        self.block, self.local_blocks = bs, L
+        self.block = bs
         self.nq, nk = -(-s_q // bs), -(-s_kv // bs)
         qb0, kb0 = q_offset // bs, kv_offset // bs
         # Window slots that can hold a key (fewer than L when the keys start late).
@@ -65,11 +132,10 @@ class _Plan:
         self.pad_front = max(0, -first)               # zero blocks so every window is in range
         self.num_blocks_padded = self.pad_front + max(nk, first + self.nq + self.window - 1)
         self.first_window_block = first + self.pad_front
-        self.q_block_abs = torch.arange(qb0, qb0 + self.nq, device=device)
-        k_tok = torch.arange(self.num_blocks_padded * bs, device=device) - self.pad_front * bs
-        self.key_valid = ((k_tok >= 0) & (k_tok < s_kv)).view(-1, bs)    # [padded blocks, bs]
-        t, u = torch.arange(bs, device=device), torch.arange(bs, device=device)
-        self.diagonal_causal = u.view(1, -1) <= t.view(-1, 1)             # [bs, bs]
+        k_tok = torch.arange(self.num_blocks_padded * bs) - self.pad_front * bs
+        key_valid = ((k_tok >= 0) & (k_tok < s_kv)).view(-1, bs)          # [padded blocks, bs]
+        self.band_calls = self._band_calls(key_valid, layout.group_size, device)
+        q_block_abs = torch.arange(qb0, qb0 + self.nq)
         self.units = []
         group = layout.group_size
         for h0 in range(0, heads, group):              # the query heads of each local kv head
@@ -82,26 +148,36 @@ class _Plan:
                 if residue is not None:
                     j_abs = j_abs[j_abs % layout.vert_stride == residue]
                 blocks = j_abs - kb0 + self.pad_front
-                if len(j_abs) == 0:             # one never-visible column keeps the shapes simple
-                    j_abs, blocks = torch.tensor([1 << 62]), torch.tensor([0])
-                self.units.append(_Unit(h0 // group, torch.tensor(members, device=device),
-                                        j_abs.to(device), blocks.to(device)))
+                seen = torch.searchsorted(j_abs, q_block_abs - L, right=True)   # columns j <= i - L
+                counts, lengths = torch.unique_consecutive(seen, return_counts=True)
+                runs, m0 = [], 0
+                for c, n in zip(counts.tolist(), lengths.tolist()):
+                    if c > 0:
+                        ok = key_valid[blocks[:c]].flatten()
+                        runs.append(_Run(m0, m0 + n, c, None if bool(ok.all()) else ok.view(1, 1, 1, -1).to(device)))
+                    m0 += n
+                heads = slice(members[0], members[-1] + 1, members[1] - members[0] if len(members) > 1 else 1)
+                assert list(range(heads.stop)[heads]) == members, members
+                self.units.append(_Unit(h0 // group, heads, blocks.to(device), tuple(runs)))
 
-    def chunks(self, rows: int, n_cols: int):
-        """Query-block ranges [m0, m1) whose score buffers stay near _CHUNK_ELEMENTS."""
-        step = max(1, _CHUNK_ELEMENTS // (rows * (self.window + n_cols) * self.block))
-        return [(m0, min(self.nq, m0 + step)) for m0 in range(0, self.nq, step)]
-
-    def window_blocks(self, m0: int, m1: int) -> torch.Tensor:
-        """long [C, W]: padded key block in every window slot of query blocks m0..m1."""
-        start = self.first_window_block + torch.arange(m0, m1, device=self.key_valid.device)
-        return start.view(-1, 1) + torch.arange(self.window, device=start.device)
-
-    def visible_columns(self, unit: _Unit, m0: int, m1: int) -> tuple[int, int]:
-        """(strided blocks seen by every query block of the chunk, by its last one): j <= i - L."""
-        col = unit.col_abs
-        first, last = self.q_block_abs[m0] - self.local_blocks, self.q_block_abs[m1 - 1] - self.local_blocks
-        return int((col <= first).sum()), int((col <= last).sum())
+    def _band_calls(self, key_valid: torch.Tensor, group: int, device) -> list:
+        """[(m0, m1, bool mask)]: the band's calls. The inner query blocks, whose windows hold only
+        keys, share one [group*bs, W*bs] mask (the diagonal block's causality, repeated for every
+        head of the group); the blocks whose windows reach padding (a prefix and a suffix) take
+        [blocks, 1, group*bs, W*bs] masks of their own."""
+        bs, W, nq = self.block, self.window, self.nq
+        t = torch.arange(bs)
+        allowed = torch.ones(bs, W * bs, dtype=torch.bool)
+        allowed[:, -bs:] = t.view(1, -1) <= t.view(-1, 1)
+        allowed = allowed.repeat(group, 1).view(1, 1, group * bs, W * bs)
+        slots = self.first_window_block + torch.arange(nq).view(-1, 1) + torch.arange(W)
+        keys_ok = key_valid[slots].view(nq, 1, 1, W * bs)
+        inner = keys_ok.view(nq, -1).all(-1).tolist()
+        lo = next((m for m in range(nq) if inner[m]), nq)
+        hi = max(lo, next((m + 1 for m in reversed(range(nq)) if inner[m]), 0))
+        calls = [(lo, hi, allowed if all(inner[lo:hi]) else allowed & keys_ok[lo:hi])]
+        calls += [(m0, m1, allowed & keys_ok[m0:m1]) for m0, m1 in ((0, lo), (hi, nq))]
+        return [(m0, m1, mask.to(device)) for m0, m1, mask in calls if m1 > m0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,119 +185,24 @@ def _plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, heads, device) ->
     return _Plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, heads, device)
 
 
-class _Head:
-    """One (batch, unit) problem: block-row queries, padded keys/values, gathered columns."""
-
-    def __init__(self, plan: _Plan, unit: _Unit, q_nrd, k_td, v_td):
-        bs, d = plan.block, q_nrd.shape[-1]
-        self.plan, self.unit, self.q, self.k, self.v = plan, unit, q_nrd, k_td, v_td
-        self.rows = q_nrd.shape[1]
-        self.cols = unit.col_blocks
-        self.k_cols = k_td.view(-1, bs * d).index_select(0, self.cols).view(-1, d)   # [n*bs, d]
-        self.v_cols = v_td.view(-1, bs * d).index_select(0, self.cols).view(-1, d)
-
-    def visible_columns(self, m0: int, m1: int) -> tuple[int, int]:
-        return self.plan.visible_columns(self.unit, m0, m1)
-
-    def windows(self, t_td, m0: int, m1: int):
-        """[C, W*bs, d] view of the band windows of query blocks m0..m1 (no copy)."""
-        plan, d = self.plan, t_td.shape[-1]
-        return t_td.as_strided((m1 - m0, plan.window * plan.block, d), (plan.block * d, d, 1),
-                               t_td.storage_offset() + (plan.first_window_block + m0) * plan.block * d)
-
-    def scores(self, m0: int, m1: int, n_full: int, n_cols: int, scale: float, shift=None):
-        """Masked scores (minus ``shift`` [C, rows, 1] if given): band [C, rows, W*bs],
-        strided [C*rows, n_cols*bs]."""
-        plan, bs, C = self.plan, self.plan.block, m1 - m0
-        q_c = self.q[m0:m1]
-        # beta=0 ignores the input: no pass over the buffer when there is nothing to subtract.
-        base, beta = (shift, -1) if shift is not None else (q_c.new_zeros(()), 0)
-        band = torch.baddbmm(base, q_c, self.windows(self.k, m0, m1).transpose(1, 2), beta=beta, alpha=scale)
-        band_g = band.view(C, -1, bs, band.shape[-1])                     # [C, heads, bs, W*bs]
-        band_g[..., -bs:].masked_fill_(~plan.diagonal_causal, float("-inf"))
-        slots = plan.window_blocks(m0, m1)
-        valid = plan.key_valid[slots].view(C, 1, 1, -1)
-        if not bool(valid.all()):
-            band_g.masked_fill_(~valid, float("-inf"))
-        base = shift.reshape(-1, 1) if shift is not None else base
-        strided = torch.addmm(base, q_c.reshape(-1, q_c.shape[-1]),
-                              self.k_cols[:n_cols * bs].transpose(0, 1), beta=beta, alpha=scale)
-        if n_full < n_cols:                    # columns some query blocks of the chunk cannot see
-            tail = strided.view(C, -1, bs, n_cols, bs)[:, :, :, n_full:]
-            col_abs = self.unit.col_abs[n_full:n_cols]
-            older = col_abs.view(1, -1) <= (plan.q_block_abs[m0:m1] - plan.local_blocks).view(-1, 1)
-            key_ok = plan.key_valid[self.cols[n_full:n_cols]]                  # [n, bs]
-            tail.masked_fill_(~(older.unsqueeze(-1) & key_ok).view(C, 1, 1, -1, bs), float("-inf"))
-        return band, strided
-
-
-def _forward_head(h: _Head, scale: float, out_nrd, lse_nr):
-    plan, rows = h.plan, h.rows
-    for m0, m1 in plan.chunks(rows, len(h.cols)):
-        n_full, n_cols = h.visible_columns(m0, m1)
-        band, strided = h.scores(m0, m1, n_full, max(1, n_cols), scale)
-        strided = strided.view(m1 - m0, rows, -1)
-        top = torch.maximum(band.amax(-1, keepdim=True), strided.amax(-1, keepdim=True))
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        p_band, p_str = band.sub_(top).exp_(), strided.sub_(top).exp_()
-        total = p_band.sum(-1) + p_str.sum(-1)
-        o = torch.bmm(p_band, h.windows(h.v, m0, m1))
-        o.view(-1, o.shape[-1]).addmm_(p_str.view(-1, p_str.shape[-1]), h.v_cols[:p_str.shape[-1]])
-        seen = total > 0
-        out_nrd[m0:m1] = o.div_(torch.where(seen, total, 1.0).unsqueeze(-1))
-        lse_nr[m0:m1] = torch.where(seen, torch.log(total) + top.squeeze(-1), float("-inf"))
-
-
-def _backward_head(h: _Head, scale: float, out_nrd, lse_nr, dlse_nr, do_nrd, dq_nrd, dk_td, dv_td):
-    plan, rows, bs, d = h.plan, h.rows, h.plan.block, h.q.shape[-1]
-    delta_nr = (do_nrd * out_nrd).sum(-1) - dlse_nr          # lse's gradient enters here
-    dk_cols, dv_cols = torch.zeros_like(h.k_cols), torch.zeros_like(h.v_cols)
-    lse_nr = torch.where(torch.isfinite(lse_nr), lse_nr, float("inf"))      # empty rows: P = 0
-    for m0, m1 in plan.chunks(rows, len(h.cols)):
-        n_full, n_cols = h.visible_columns(m0, m1)
-        n = max(1, n_cols) * bs
-        q_c, do_c = h.q[m0:m1], do_nrd[m0:m1]
-        p_band, p_str = h.scores(m0, m1, n_full, max(1, n_cols), scale, shift=lse_nr[m0:m1].unsqueeze(-1))
-        p_band, p_str = p_band.exp_(), p_str.exp_()
-        k_win, v_win = h.windows(h.k, m0, m1), h.windows(h.v, m0, m1)
-        # dS / scale = P * (dP - Delta); the scale is applied in the dq/dk matmuls.
-        delta_c = delta_nr[m0:m1].unsqueeze(-1)
-        ds_band = torch.baddbmm(delta_c, do_c, v_win.transpose(1, 2), beta=-1).mul_(p_band)
-        q_f, do_f = q_c.reshape(-1, d), do_c.reshape(-1, d)
-        ds_str = torch.addmm(delta_c.reshape(-1, 1), do_f, h.v_cols[:n].transpose(0, 1), beta=-1).mul_(p_str)
-        dq_c = torch.bmm(ds_band, k_win).mul_(scale)
-        dq_c.view(-1, d).addmm_(ds_str, h.k_cols[:n], alpha=scale)
-        dq_nrd[m0:m1] = dq_c
-        dv_cols[:n].addmm_(p_str.transpose(0, 1), do_f)
-        dk_cols[:n].addmm_(ds_str.transpose(0, 1), q_f, alpha=scale)
-        # Fold the overlapping band windows back onto their key blocks.
-        slots = plan.window_blocks(m0, m1).flatten()
-        dv_td.view(-1, bs * d).index_add_(0, slots, torch.bmm(p_band.transpose(1, 2), do_c).view(-1, bs * d))
-        dk_td.view(-1, bs * d).index_add_(0, slots, torch.bmm(ds_band.transpose(1, 2), q_c).view(-1, bs * d),
-                                          alpha=scale)
-    dk_td.view(-1, bs * d).index_add_(0, h.cols, dk_cols.view(-1, bs * d))
-    dv_td.view(-1, bs * d).index_add_(0, h.cols, dv_cols.view(-1, bs * d))
-
-
-def _block_rows(x_bshd, heads: torch.Tensor, plan: _Plan, dtype):
-    """[b, s, H, d] -> [b, nq, n*bs, d]: the rows of the n selected heads in each query block,
-    head-major within a block (zero-padded to whole blocks)."""
-    b, s, _, d = x_bshd.shape
-    nq, bs = plan.nq, plan.block
-    out = x_bshd.new_zeros(b, nq, len(heads), bs, d, dtype=dtype)
-    by_token = out.permute(0, 1, 3, 2, 4)                                 # [b, nq, bs, n, d] view
-    picked = x_bshd.index_select(2, heads)
+def _block_rows(x_bshd, plan: _Plan, dtype):
+    """[b, s, H, ...] -> [b, nq, H*bs, ...]: each query block's rows, head-major within the block
+    (zero-padded to whole blocks)."""
+    b, s, H = x_bshd.shape[:3]
+    nq, bs, rest = plan.nq, plan.block, x_bshd.shape[3:]
+    out = x_bshd.new_zeros(b, nq, H, bs, *rest, dtype=dtype)
+    by_token = out.transpose(2, 3)                                      # [b, nq, bs, H, ...] view
     whole = s // bs
-    by_token[:, :whole] = picked[:, :whole * bs].view(b, whole, bs, len(heads), d)
+    by_token[:, :whole] = x_bshd[:, :whole * bs].unflatten(1, (whole, bs))
     if whole < nq:                                        # the partial last block
-        by_token[:, whole, :s - whole * bs] = picked[:, whole * bs:]
-    return out.view(b, nq, -1, d)
+        by_token[:, whole, :s - whole * bs] = x_bshd[:, whole * bs:]
+    return out.flatten(2, 3)
 
 
-def _from_block_rows(x_bnrd, s: int, n: int):
-    """Inverse of _block_rows: [b, nq, n*bs, d] -> [b, s, n, d]."""
-    b, nq, rows, d = x_bnrd.shape
-    return x_bnrd.view(b, nq, n, rows // n, d).permute(0, 1, 3, 2, 4).reshape(b, -1, n, d)[:, :s]
+def _from_block_rows(x_bnr, s: int, heads: int):
+    """Inverse of _block_rows: [b, nq, H*bs, ...] -> [b, s, H, ...]."""
+    b, nq, rows = x_bnr.shape[:3]
+    return x_bnr.unflatten(2, (heads, rows // heads)).transpose(2, 3).flatten(1, 2)[:, :s]
 
 
 def _padded_keys(t_bshd, plan: _Plan, dtype):
@@ -233,50 +214,157 @@ def _padded_keys(t_bshd, plan: _Plan, dtype):
     return out
 
 
+def _windows(t_td, plan: _Plan, m0: int, m1: int):
+    """[kv_heads, T, d] padded keys of one sequence -> [m1-m0, kv_heads, W*bs, d]: the band
+    windows of query blocks m0..m1, a view (no copy)."""
+    kv_heads, T, d = t_td.shape
+    bs = plan.block
+    return t_td.as_strided((m1 - m0, kv_heads, plan.window * bs, d), (bs * d, T * d, d, 1),
+                           t_td.storage_offset() + (plan.first_window_block + m0) * bs * d)
+
+
+def _head_rows(x_bnr, unit: _Unit, heads: int):
+    """[b, nq, H*bs, ...] -> [b, nq, n, bs, ...] view: the rows of the unit's n heads."""
+    return x_bnr.unflatten(2, (heads, -1))[:, :, unit.heads]
+
+
+def _unit_rows(x_bnr, unit: _Unit, heads: int):
+    """[b, nq, H*bs, ...] -> [b, nq, n*bs, ...] contiguous (a copy unless the unit has every head)."""
+    return _head_rows(x_bnr, unit, heads).flatten(2, 3).contiguous()
+
+
+def _columns(t_bktd, unit: _Unit, plan: _Plan):
+    """[b, kv_heads, T, d] -> [b, c*bs, d]: the unit's strided key blocks, gathered."""
+    b, _, _, d = t_bktd.shape
+    return t_bktd[:, unit.kv_head].unflatten(1, (-1, plan.block)).index_select(1, unit.col_blocks).flatten(1, 2)
+
+
+def _run_rows(x_bnr, run: _Run, parts: int):
+    """[b, nq, n*bs, ...] -> [b, parts, run rows / parts, ...] view: a run's rows, split into parts
+    that the kernel's backward (parallel over its two batch dims) works on side by side."""
+    x = x_bnr[:, run.m0:run.m1]
+    return x.view(x.shape[0], parts, -1, *x.shape[3:])
+
+
+def _parts(rows: int, batch: int) -> int:
+    return math.gcd(rows, -(-torch.get_num_threads() // batch))
+
+
+def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
+    """Forward on block rows: q [b, nq, H*bs, d] -> (out [b, nq, H*bs, d], lse [b, nq, H*bs])."""
+    b, nq, R, d = q.shape
+    kv_heads = k_pad.shape[1]
+    band_out, band_lse = torch.empty_like(q), q.new_empty(b, nq, R)
+    strided_out, strided_lse = torch.zeros_like(q), q.new_full((b, nq, R), _NEG_INF)
+    for bi in range(b):
+        for m0, m1, allowed in plan.band_calls:
+            o, lse = _attend(q[bi, m0:m1].unflatten(1, (kv_heads, -1)), _windows(k_pad[bi], plan, m0, m1),
+                             _windows(v_pad[bi], plan, m0, m1), _additive(allowed, q.dtype), scale)
+            band_out[bi, m0:m1].unflatten(1, (kv_heads, -1)).copy_(o)
+            band_lse[bi, m0:m1].unflatten(1, (kv_heads, -1)).copy_(lse)
+    heads = R // plan.block
+    for unit in plan.units:
+        uq = _unit_rows(q, unit, heads)
+        k_cols, v_cols = _columns(k_pad, unit, plan), _columns(v_pad, unit, plan)
+        u_out, u_lse = _head_rows(strided_out, unit, heads), _head_rows(strided_lse, unit, heads)
+        for run in unit.runs:
+            n = run.cols * plan.block
+            o, lse = _attend(_run_rows(uq, run, 1), k_cols[:, None, :n], v_cols[:, None, :n],
+                             _additive(run.keys_ok, q.dtype), scale)
+            u_out[:, run.m0:run.m1].copy_(o.view(u_out[:, run.m0:run.m1].shape))
+            u_lse[:, run.m0:run.m1].copy_(lse.view(u_lse[:, run.m0:run.m1].shape))
+    return _merge_(band_out, band_lse, strided_out, strided_lse)
+
+
+def _merge_(out_a, lse_a, out_b, lse_b):
+    """Two partial attentions over disjoint keys -> the whole one (``merge.merge_attention``'s
+    rule, in place in out_a, not differentiable): out [..., d], lse [...]. Returns (out_a, lse)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_b = torch.exp(lse_b - torch.where(torch.isfinite(lse), lse, 0.0))
+    return out_a.lerp_(out_b, weight_b.unsqueeze(-1)), lse
+
+
+def _attention_rows_backward(plan: _Plan, do, q, k_pad, v_pad, out, lse, scale):
+    """Backward on block rows (shapes as ``_attention_rows``; lse +inf on rows that saw no key):
+    (dq like q, dk and dv like k_pad)."""
+    b, nq, R, d = q.shape
+    kv_heads, bs = k_pad.shape[1], plan.block
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k_pad), torch.zeros_like(v_pad)
+    # The band's dK/dV come per window (W blocks per query block): small calls keep them in cache.
+    step = max(1, _BAND_GRAD_ELEMENTS // (kv_heads * plan.window * bs * d))
+    for bi, (m0_call, m1_call, allowed) in itertools.product(range(b), plan.band_calls):
+        mask = _additive(allowed, q.dtype)
+        for m0 in range(m0_call, m1_call, step):
+            m1 = min(m1_call, m0 + step)
+            rows = lambda x: x[bi, m0:m1].unflatten(1, (kv_heads, -1))
+            dq_c, dk_c, dv_c = _attend_backward(rows(do), rows(q), _windows(k_pad[bi], plan, m0, m1),
+                                                _windows(v_pad[bi], plan, m0, m1), rows(out), rows(lse),
+                                                mask if mask.shape[0] == 1 else mask[m0 - m0_call:m1 - m0_call],
+                                                scale)
+            rows(dq).copy_(dq_c)
+            # Fold the overlapping windows back onto their key blocks: one shifted add per slot.
+            start = plan.first_window_block + m0
+            for grad, window_grad in ((dk[bi], dk_c), (dv[bi], dv_c)):
+                blocks, slots = grad.unflatten(1, (-1, bs)), window_grad.unflatten(2, (-1, bs))
+                for w in range(plan.window):
+                    blocks[:, start + w:start + w + m1 - m0] += slots[:, :, w].transpose(0, 1)
+    heads = R // bs
+    for unit in plan.units:
+        u_do, uq, u_out, u_lse = (_unit_rows(x, unit, heads) for x in (do, q, out, lse))
+        k_cols, v_cols = _columns(k_pad, unit, plan), _columns(v_pad, unit, plan)
+        u_dq, dk_cols, dv_cols = torch.zeros_like(uq), torch.zeros_like(k_cols), torch.zeros_like(v_cols)
+        for run in unit.runs:
+            n, p = run.cols * bs, _parts((run.m1 - run.m0) * uq.shape[2], b)
+            dq_r, dk_r, dv_r = _attend_backward(
+                *(_run_rows(x, run, p) for x in (u_do, uq)), k_cols[:, None, :n].expand(-1, p, -1, -1),
+                v_cols[:, None, :n].expand(-1, p, -1, -1), *(_run_rows(x, run, p) for x in (u_out, u_lse)),
+                _additive(run.keys_ok, q.dtype), scale)
+            _run_rows(u_dq, run, p).copy_(dq_r)
+            for part in range(p):              # the parts' sums over their rows
+                dk_cols[:, :n] += dk_r[:, part]
+                dv_cols[:, :n] += dv_r[:, part]
+        _head_rows(dq, unit, heads).add_(u_dq.view(_head_rows(dq, unit, heads).shape))
+        for grad, cols in ((dk, dk_cols), (dv, dv_cols)):
+            grad[:, unit.kv_head].unflatten(1, (-1, bs)).index_add_(1, unit.col_blocks, cols.unflatten(1, (-1, bs)))
+    return dq, dk, dv
+
+
+def _with_feature(x, value):
+    """x [..., d] -> [..., d+1] with ``value`` (a number, or a tensor [...]) as the last feature."""
+    last = x.new_full((*x.shape[:-1], 1), value) if isinstance(value, float) else value.unsqueeze(-1).to(x.dtype)
+    return torch.cat([x, last], dim=-1)
+
+
 class _S2TorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, head_offset, q_offset, kv_offset):
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, s_q, heads, d = q.shape
         plan = _plan(layout, s_q, k.shape[1], q_offset, kv_offset, head_offset, heads, q.device)
+        q_rows = _block_rows(q, plan, dtype)
         k_pad, v_pad = _padded_keys(k, plan, dtype), _padded_keys(v, plan, dtype)
-        out = q.new_empty(b, s_q, heads, d, dtype=dtype)
-        lse = q.new_empty(b, s_q, heads, dtype=dtype)
-        for unit in plan.units:
-            n = len(unit.heads)
-            q_rows = _block_rows(q, unit.heads, plan, dtype)
-            out_rows, lse_rows = torch.empty_like(q_rows), q_rows.new_empty(q_rows.shape[:-1])
-            for bi in range(b):
-                h = _Head(plan, unit, q_rows[bi], k_pad[bi, unit.kv_head], v_pad[bi, unit.kv_head])
-                _forward_head(h, scale, out_rows[bi], lse_rows[bi])
-            out[:, :, unit.heads] = _from_block_rows(out_rows, s_q, n)
-            lse[:, :, unit.heads] = _from_block_rows(lse_rows.unsqueeze(-1), s_q, n).squeeze(-1)
-        ctx.save_for_backward(q, k_pad, v_pad, out, lse)
-        ctx.plan, ctx.scale, ctx.k_shape, ctx.k_dtype = plan, scale, k.shape, k.dtype
+        out_rows, lse_rows = _attention_rows(plan, q_rows, k_pad, v_pad, scale)
+        ctx.save_for_backward(q_rows, k_pad, v_pad, out_rows, lse_rows)
+        ctx.plan, ctx.scale, ctx.shapes = plan, scale, (q.shape, q.dtype, k.shape, k.dtype)
+        out = _from_block_rows(out_rows, s_q, heads)
+        lse = _from_block_rows(lse_rows, s_q, heads)
         return out.to(q.dtype), lse.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k_pad, v_pad, out, lse = ctx.saved_tensors
-        plan, scale, k_shape = ctx.plan, ctx.scale, ctx.k_shape
-        dtype, s_q = out.dtype, q.shape[1]
-        d_lse = d_lse.transpose(1, 2).unsqueeze(-1)                      # [b, s_q, heads, 1]
-        dq = torch.empty_like(out)
-        dk, dv = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
-        for unit in plan.units:
-            rows = lambda x: _block_rows(x, unit.heads, plan, dtype)
-            q_rows, out_rows, do_rows = rows(q), rows(out), rows(d_out)
-            lse_rows, dlse_rows = rows(lse.unsqueeze(-1)).squeeze(-1), rows(d_lse).squeeze(-1)
-            dq_rows = torch.empty_like(q_rows)
-            for bi in range(q.shape[0]):
-                g = unit.kv_head
-                h = _Head(plan, unit, q_rows[bi], k_pad[bi, g], v_pad[bi, g])
-                _backward_head(h, scale, out_rows[bi], lse_rows[bi], dlse_rows[bi], do_rows[bi],
-                               dq_rows[bi], dk[bi, g], dv[bi, g])
-            dq[:, :, unit.heads] = _from_block_rows(dq_rows, s_q, len(unit.heads))
+        q_rows, k_pad, v_pad, out_rows, lse_rows = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        (b, s_q, heads, d), q_dtype, k_shape, k_dtype = ctx.shapes
+        do_rows = _block_rows(d_out, plan, q_rows.dtype)
+        lse_rows = torch.where(torch.isneginf(lse_rows), float("inf"), lse_rows)     # rows with no key: P = 0
+        dlse_rows = _block_rows(d_lse.transpose(1, 2), plan, q_rows.dtype)
+        if bool(dlse_rows.any()):                  # Delta - dlse, through one extra feature
+            q_rows, k_pad, v_pad = (_with_feature(x, 0.0) for x in (q_rows, k_pad, v_pad))
+            out_rows, do_rows = _with_feature(out_rows, -dlse_rows), _with_feature(do_rows, 1.0)
+        dq, dk, dv = _attention_rows_backward(plan, do_rows, q_rows, k_pad, v_pad, out_rows, lse_rows, scale)
         keys = slice(plan.pad_front * plan.block, plan.pad_front * plan.block + k_shape[1])
-        dk, dv = (t[:, :, keys].transpose(1, 2).to(ctx.k_dtype) for t in (dk, dv))
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+        dk, dv = (t[:, :, keys, :d].transpose(1, 2).to(k_dtype) for t in (dk, dv))
+        return _from_block_rows(dq[..., :d], s_q, heads).to(q_dtype), dk, dv, None, None, None, None, None
 
 
 def torch_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offset: int, q_offset: int,

@@ -91,30 +91,41 @@ def _additive(allowed: torch.Tensor | None, dtype) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class _Run:
-    """Consecutive query blocks [m0, m1) that see the same strided columns: the first ``cols``."""
+    """Stack blocks [k0, k1) where unit u sees its first ``seen[u]`` strided columns."""
 
-    m0: int
-    m1: int
+    k0: int
+    k1: int
     cols: int
+    """max(seen): the columns of the call."""
     keys_ok: torch.Tensor | None
-    """bool [1, 1, 1, cols*bs]: which of the columns' keys exist, or None when all do (no mask)."""
+    """bool [1, units, 1, cols*bs]: the keys each unit sees (fewer columns than ``cols``, keys past
+    the end), or None when every unit sees them all (no mask)."""
 
 
 @dataclass(frozen=True)
-class _Unit:
-    """Query heads of one kv head that share their pattern: a kv head's whole group under "kv"
-    sharding, one head (or the heads that happen to share a residue) under "query" sharding, all
-    of a dense kv head's heads."""
+class _Stack:
+    """Units attended together: a unit is the query heads of one kv head that share a pattern (a
+    kv head's group under "kv" sharding, the heads with one residue under "query" sharding, a dense
+    kv head's heads); a stack holds the units with one head count and one period (``vert_stride``,
+    1 for dense heads). A unit's strided column count steps once per period; placing its query
+    block 0 ``offsets[u]`` blocks into the stack lines its steps up with every other unit's, so
+    each run of stack blocks is one kernel call for all units (the units as the call's heads)."""
 
-    kv_head: int
-    """Local kv head."""
-    heads: slice
-    """Its local query heads (evenly spaced: the heads of a kv head with one residue)."""
+    kv_heads: tuple
+    """Local kv head of each unit."""
+    heads: tuple
+    """Local query heads of each unit (a slice: evenly spaced, n of them)."""
+    offsets: tuple
+    """Stack block of each unit's query block 0."""
+    blocks: int
+    """Stack length in blocks."""
     col_blocks: torch.Tensor
-    """long [c]: the strided key blocks (every key block for dense heads) as indices into the
-    padded keys."""
+    """long [units, c]: each unit's strided key blocks (every key block for dense heads) as
+    indices into the padded keys, in order; padded past a unit's ``col_counts`` (never seen)."""
+    col_counts: tuple
+    """Strided key blocks of each unit."""
     runs: tuple
-    """The ``_Run`` s of query blocks that see at least one column."""
+    """The ``_Run`` s: stack blocks where some unit sees a column."""
 
 
 class _Plan:
@@ -136,29 +147,55 @@ class _Plan:
         key_valid = ((k_tok >= 0) & (k_tok < s_kv)).view(-1, bs)          # [padded blocks, bs]
         self.band_calls = self._band_calls(key_valid, layout.group_size, device)
         q_block_abs = torch.arange(qb0, qb0 + self.nq)
-        self.units = []
-        group = layout.group_size
-        for h0 in range(0, heads, group):              # the query heads of each local kv head
-            by_pattern = {}                            # residue (None: dense) -> local query heads
-            for h in range(h0, h0 + group):
+        by_kind = {}                   # (dense, heads) -> [(kv head, heads, columns, columns seen)]
+        for h0 in range(0, heads, layout.group_size):      # the query heads of each local kv head
+            by_pattern = {}                                  # residue (None: dense) -> heads
+            for h in range(h0, h0 + layout.group_size):
                 dense = layout.is_dense_head(head_offset + h)
                 by_pattern.setdefault(None if dense else layout.strided_residue(head_offset + h), []).append(h)
             for residue, members in by_pattern.items():
                 j_abs = torch.arange(kb0, kb0 + nk)
                 if residue is not None:
                     j_abs = j_abs[j_abs % layout.vert_stride == residue]
-                blocks = j_abs - kb0 + self.pad_front
+                step = members[1] - members[0] if len(members) > 1 else 1
+                assert members == list(range(members[0], members[-1] + 1, step)), members
                 seen = torch.searchsorted(j_abs, q_block_abs - L, right=True)   # columns j <= i - L
-                counts, lengths = torch.unique_consecutive(seen, return_counts=True)
-                runs, m0 = [], 0
-                for c, n in zip(counts.tolist(), lengths.tolist()):
-                    if c > 0:
-                        ok = key_valid[blocks[:c]].flatten()
-                        runs.append(_Run(m0, m0 + n, c, None if bool(ok.all()) else ok.view(1, 1, 1, -1).to(device)))
-                    m0 += n
-                heads = slice(members[0], members[-1] + 1, members[1] - members[0] if len(members) > 1 else 1)
-                assert list(range(heads.stop)[heads]) == members, members
-                self.units.append(_Unit(h0 // group, heads, blocks.to(device), tuple(runs)))
+                by_kind.setdefault((residue is None, len(members)), []).append(
+                    (h0 // layout.group_size, slice(members[0], members[-1] + 1, step), j_abs - kb0 + self.pad_front, seen))
+        self.stacks = [self._stack(units, 1 if dense else layout.vert_stride, key_valid, device)
+                       for (dense, _), units in by_kind.items()]
+
+    def _stack(self, units, period: int, key_valid: torch.Tensor, device) -> _Stack:
+        """Line up the units' column steps (see ``_Stack``) and cut the stack into runs."""
+        offsets = []
+        for _, _, _, seen in units:
+            steps = torch.nonzero(seen[1:] != seen[:-1]).flatten() + 1
+            offsets.append(-int(steps[0]) % period if len(steps) else 0)
+        blocks = -(-(self.nq + max(offsets)) // period) * period
+        per_block = torch.zeros(blocks, len(units), dtype=torch.long)     # columns seen, 0 off the unit
+        for u, (_, _, _, seen) in enumerate(units):
+            per_block[offsets[u]:offsets[u] + self.nq, u] = seen
+        per_period = per_block.view(-1, period, len(units)).amax(1)
+        valid = torch.zeros(blocks, len(units), dtype=torch.bool)
+        for u, o in enumerate(offsets):
+            valid[o:o + self.nq, u] = True
+        constant = torch.where(valid, per_block == per_period.repeat_interleave(period, 0), True)
+        assert bool(constant.all()), "a unit's strided columns change inside a period"
+        counts = [len(cols) for _, _, cols, _ in units]
+        col_blocks = torch.zeros(len(units), max(1, max(counts)), dtype=torch.long)
+        for u, (_, _, cols, _) in enumerate(units):
+            col_blocks[u, :len(cols)] = cols
+        runs, k0 = [], 0
+        seen_runs, lengths = torch.unique_consecutive(per_period, dim=0, return_counts=True)
+        for seen, n in zip(seen_runs, lengths.tolist()):
+            k1, cols = k0 + n * period, int(seen.max())
+            if cols > 0:
+                ok = (torch.arange(cols).view(1, -1) < seen.view(-1, 1)).unsqueeze(-1) & key_valid[col_blocks[:, :cols]]
+                keys_ok = None if bool(ok.all()) else ok.view(1, len(units), 1, -1).to(device)
+                runs.append(_Run(k0, k1, cols, keys_ok))
+            k0 = k1
+        return _Stack(tuple(u[0] for u in units), tuple(u[1] for u in units), tuple(offsets), blocks,
+                      col_blocks.to(device), tuple(counts), tuple(runs))
 
     def _band_calls(self, key_valid: torch.Tensor, group: int, device) -> list:
         """[(m0, m1, bool mask)]: the band's calls. The inner query blocks, whose windows hold only
@@ -223,31 +260,52 @@ def _windows(t_td, plan: _Plan, m0: int, m1: int):
                            t_td.storage_offset() + (plan.first_window_block + m0) * bs * d)
 
 
-def _head_rows(x_bnr, unit: _Unit, heads: int):
-    """[b, nq, H*bs, ...] -> [b, nq, n, bs, ...] view: the rows of the unit's n heads."""
-    return x_bnr.unflatten(2, (heads, -1))[:, :, unit.heads]
+def _stacked(x, stack: _Stack, plan: _Plan):
+    """[b, nq, H*bs, ...] block rows -> [b, units, stack blocks, n*bs, ...]: each unit's rows at
+    its offset, zeros elsewhere (their results are dropped)."""
+    b, nq, rows = x.shape[:3]
+    out = x.new_zeros(b, len(stack.heads), stack.blocks, *_unit_shape(x, stack, plan))
+    for u, (heads, o) in enumerate(zip(stack.heads, stack.offsets)):
+        out[:, u, o:o + nq] = _head_rows(x, heads, plan).flatten(2, 3)
+    return out
 
 
-def _unit_rows(x_bnr, unit: _Unit, heads: int):
-    """[b, nq, H*bs, ...] -> [b, nq, n*bs, ...] contiguous (a copy unless the unit has every head)."""
-    return _head_rows(x_bnr, unit, heads).flatten(2, 3).contiguous()
+def _unstack_(x, x_stacked, stack: _Stack, plan: _Plan, add: bool = False):
+    """Inverse of ``_stacked``: write (or add) each unit's rows back into x [b, nq, H*bs, ...]."""
+    nq = x.shape[1]
+    for u, (heads, o) in enumerate(zip(stack.heads, stack.offsets)):
+        dst = _head_rows(x, heads, plan)
+        src = x_stacked[:, u, o:o + nq].view(dst.shape)
+        dst.add_(src) if add else dst.copy_(src)
 
 
-def _columns(t_bktd, unit: _Unit, plan: _Plan):
-    """[b, kv_heads, T, d] -> [b, c*bs, d]: the unit's strided key blocks, gathered."""
-    b, _, _, d = t_bktd.shape
-    return t_bktd[:, unit.kv_head].unflatten(1, (-1, plan.block)).index_select(1, unit.col_blocks).flatten(1, 2)
+def _unit_shape(x, stack: _Stack, plan: _Plan):
+    heads = stack.heads[0]
+    return (len(range(heads.stop)[heads]) * plan.block, *x.shape[3:])
 
 
-def _run_rows(x_bnr, run: _Run, parts: int):
-    """[b, nq, n*bs, ...] -> [b, parts, run rows / parts, ...] view: a run's rows, split into parts
-    that the kernel's backward (parallel over its two batch dims) works on side by side."""
-    x = x_bnr[:, run.m0:run.m1]
-    return x.view(x.shape[0], parts, -1, *x.shape[3:])
+def _head_rows(x, heads: slice, plan: _Plan):
+    """[b, nq, H*bs, ...] -> [b, nq, n, bs, ...] view: the rows of n query heads."""
+    return x.unflatten(2, (-1, plan.block))[:, :, heads]
 
 
-def _parts(rows: int, batch: int) -> int:
-    return math.gcd(rows, -(-torch.get_num_threads() // batch))
+def _stacked_columns(t, stack: _Stack, plan: _Plan):
+    """[b, kv_heads, T, d] padded keys -> [b, units, c*bs, d]: each unit's strided key blocks."""
+    kv = torch.tensor(stack.kv_heads, device=t.device).view(-1, 1)
+    return t.unflatten(2, (-1, plan.block))[:, kv, stack.col_blocks].flatten(2, 3)
+
+
+def _run_rows(x, run: _Run, parts: int):
+    """[b, units, stack blocks, n*bs, ...] -> the run's rows as the kernel's [batch, units, rows,
+    ...]: [b, units, rows, ...], or with b = 1 and ``parts`` > 1 [parts, units, rows / parts, ...],
+    so that the kernel's backward (parallel over batch x units) has work for every thread."""
+    x = x[:, :, run.k0:run.k1].flatten(2, 3)
+    return x if parts == 1 else x[0].unflatten(1, (parts, -1)).transpose(0, 1)
+
+
+def _parts(stack: _Stack, run: _Run, batch: int, rows: int) -> int:
+    calls = batch * len(stack.heads)
+    return 1 if batch > 1 else math.gcd((run.k1 - run.k0) * rows, -(-torch.get_num_threads() // calls))
 
 
 def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
@@ -255,24 +313,25 @@ def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
     b, nq, R, d = q.shape
     kv_heads = k_pad.shape[1]
     band_out, band_lse = torch.empty_like(q), q.new_empty(b, nq, R)
-    strided_out, strided_lse = torch.zeros_like(q), q.new_full((b, nq, R), _NEG_INF)
     for bi in range(b):
         for m0, m1, allowed in plan.band_calls:
             o, lse = _attend(q[bi, m0:m1].unflatten(1, (kv_heads, -1)), _windows(k_pad[bi], plan, m0, m1),
                              _windows(v_pad[bi], plan, m0, m1), _additive(allowed, q.dtype), scale)
             band_out[bi, m0:m1].unflatten(1, (kv_heads, -1)).copy_(o)
             band_lse[bi, m0:m1].unflatten(1, (kv_heads, -1)).copy_(lse)
-    heads = R // plan.block
-    for unit in plan.units:
-        uq = _unit_rows(q, unit, heads)
-        k_cols, v_cols = _columns(k_pad, unit, plan), _columns(v_pad, unit, plan)
-        u_out, u_lse = _head_rows(strided_out, unit, heads), _head_rows(strided_lse, unit, heads)
-        for run in unit.runs:
+    strided_out, strided_lse = torch.zeros_like(q), q.new_full((b, nq, R), _NEG_INF)
+    for stack in plan.stacks:
+        sq = _stacked(q, stack, plan)
+        s_out, s_lse = torch.zeros_like(sq), sq.new_full(sq.shape[:-1], _NEG_INF)
+        k_cols, v_cols = _stacked_columns(k_pad, stack, plan), _stacked_columns(v_pad, stack, plan)
+        for run in stack.runs:
             n = run.cols * plan.block
-            o, lse = _attend(_run_rows(uq, run, 1), k_cols[:, None, :n], v_cols[:, None, :n],
+            o, lse = _attend(_run_rows(sq, run, 1), k_cols[:, :, :n], v_cols[:, :, :n],
                              _additive(run.keys_ok, q.dtype), scale)
-            u_out[:, run.m0:run.m1].copy_(o.view(u_out[:, run.m0:run.m1].shape))
-            u_lse[:, run.m0:run.m1].copy_(lse.view(u_lse[:, run.m0:run.m1].shape))
+            _run_rows(s_out, run, 1).copy_(o)
+            _run_rows(s_lse, run, 1).copy_(lse)
+        _unstack_(strided_out, s_out, stack, plan)
+        _unstack_(strided_lse, s_lse, stack, plan)
     return _merge_(band_out, band_lse, strided_out, strided_lse)
 
 
@@ -308,24 +367,24 @@ def _attention_rows_backward(plan: _Plan, do, q, k_pad, v_pad, out, lse, scale):
                 blocks, slots = grad.unflatten(1, (-1, bs)), window_grad.unflatten(2, (-1, bs))
                 for w in range(plan.window):
                     blocks[:, start + w:start + w + m1 - m0] += slots[:, :, w].transpose(0, 1)
-    heads = R // bs
-    for unit in plan.units:
-        u_do, uq, u_out, u_lse = (_unit_rows(x, unit, heads) for x in (do, q, out, lse))
-        k_cols, v_cols = _columns(k_pad, unit, plan), _columns(v_pad, unit, plan)
-        u_dq, dk_cols, dv_cols = torch.zeros_like(uq), torch.zeros_like(k_cols), torch.zeros_like(v_cols)
-        for run in unit.runs:
-            n, p = run.cols * bs, _parts((run.m1 - run.m0) * uq.shape[2], b)
-            dq_r, dk_r, dv_r = _attend_backward(
-                *(_run_rows(x, run, p) for x in (u_do, uq)), k_cols[:, None, :n].expand(-1, p, -1, -1),
-                v_cols[:, None, :n].expand(-1, p, -1, -1), *(_run_rows(x, run, p) for x in (u_out, u_lse)),
-                _additive(run.keys_ok, q.dtype), scale)
-            _run_rows(u_dq, run, p).copy_(dq_r)
-            for part in range(p):              # the parts' sums over their rows
-                dk_cols[:, :n] += dk_r[:, part]
-                dv_cols[:, :n] += dv_r[:, part]
-        _head_rows(dq, unit, heads).add_(u_dq.view(_head_rows(dq, unit, heads).shape))
-        for grad, cols in ((dk, dk_cols), (dv, dv_cols)):
-            grad[:, unit.kv_head].unflatten(1, (-1, bs)).index_add_(1, unit.col_blocks, cols.unflatten(1, (-1, bs)))
+    for stack in plan.stacks:
+        s_do, sq, s_out, s_lse = (_stacked(x, stack, plan) for x in (do, q, out, lse))
+        k_cols, v_cols = _stacked_columns(k_pad, stack, plan), _stacked_columns(v_pad, stack, plan)
+        s_dq, dk_cols, dv_cols = torch.zeros_like(sq), torch.zeros_like(k_cols), torch.zeros_like(v_cols)
+        for run in stack.runs:
+            n, p = run.cols * bs, _parts(stack, run, b, sq.shape[3])
+            k_r, v_r = (t[:, :, :n] if p == 1 else t[:, :, :n].expand(p, -1, -1, -1) for t in (k_cols, v_cols))
+            dq_r, dk_r, dv_r = _attend_backward(*(_run_rows(x, run, p) for x in (s_do, sq)), k_r, v_r,
+                                                *(_run_rows(x, run, p) for x in (s_out, s_lse)),
+                                                _additive(run.keys_ok, q.dtype), scale)
+            _run_rows(s_dq, run, p).copy_(dq_r)
+            dk_cols[:, :, :n] += dk_r if p == 1 else dk_r.sum(0, keepdim=True)
+            dv_cols[:, :, :n] += dv_r if p == 1 else dv_r.sum(0, keepdim=True)
+        _unstack_(dq, s_dq, stack, plan, add=True)
+        for u, (g, count) in enumerate(zip(stack.kv_heads, stack.col_counts)):
+            for grad, cols in ((dk, dk_cols), (dv, dv_cols)):
+                grad[:, g].unflatten(1, (-1, bs)).index_add_(1, stack.col_blocks[u, :count],
+                                                              cols[:, u, :count * bs].unflatten(1, (-1, bs)))
     return dq, dk, dv
 
 

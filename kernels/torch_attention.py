@@ -44,6 +44,7 @@ from .merge import safe_logsumexp
 
 _NEG_INF = float("-inf")
 _BAND_GRAD_ELEMENTS = 1 << 20   # band window gradients per backward call: 4 MiB in fp32, in cache
+_STACK_ROWS = 1 << 15           # query rows stacked at once: 8 MiB per tensor at d = 64 in fp32
 
 
 def _attend(q, k, v, mask, scale: float):
@@ -103,6 +104,15 @@ class _Run:
 
 
 @dataclass(frozen=True)
+class _Span:
+    """Stack blocks [k0, k1) whose rows are stacked at once (bounded memory): ``runs`` inside."""
+
+    k0: int
+    k1: int
+    runs: tuple
+
+
+@dataclass(frozen=True)
 class _Stack:
     """Units attended together: a unit is the query heads of one kv head that share a pattern (a
     kv head's group under "kv" sharding, the heads with one residue under "query" sharding, a dense
@@ -124,8 +134,8 @@ class _Stack:
     indices into the padded keys, in order; padded past a unit's ``col_counts`` (never seen)."""
     col_counts: tuple
     """Strided key blocks of each unit."""
-    runs: tuple
-    """The ``_Run`` s: stack blocks where some unit sees a column."""
+    spans: tuple
+    """The ``_Span`` s holding the ``_Run`` s, the stack blocks where some unit sees a column."""
 
 
 class _Plan:
@@ -194,8 +204,15 @@ class _Plan:
                 keys_ok = None if bool(ok.all()) else ok.view(1, len(units), 1, -1).to(device)
                 runs.append(_Run(k0, k1, cols, keys_ok))
             k0 = k1
+        spans, rows = [], len(units) * _count(units[0][1]) * self.block      # stacked rows per block
+        for run in runs:                 # consecutive runs while their stacked rows stay in budget
+            if spans and (run.k1 - spans[-1][0]) * rows <= _STACK_ROWS:
+                spans[-1][1].append(run)
+            else:
+                spans.append((run.k0, [run]))
+        spans = tuple(_Span(k0, span[-1].k1, tuple(span)) for k0, span in spans)
         return _Stack(tuple(u[0] for u in units), tuple(u[1] for u in units), tuple(offsets), blocks,
-                      col_blocks.to(device), tuple(counts), tuple(runs))
+                      col_blocks.to(device), tuple(counts), spans)
 
     def _band_calls(self, key_valid: torch.Tensor, group: int, device) -> list:
         """[(m0, m1, bool mask)]: the band's calls. The inner query blocks, whose windows hold only
@@ -260,28 +277,35 @@ def _windows(t_td, plan: _Plan, m0: int, m1: int):
                            t_td.storage_offset() + (plan.first_window_block + m0) * bs * d)
 
 
-def _stacked(x, stack: _Stack, plan: _Plan):
-    """[b, nq, H*bs, ...] block rows -> [b, units, stack blocks, n*bs, ...]: each unit's rows at
-    its offset, zeros elsewhere (their results are dropped)."""
-    b, nq, rows = x.shape[:3]
-    out = x.new_zeros(b, len(stack.heads), stack.blocks, *_unit_shape(x, stack, plan))
-    for u, (heads, o) in enumerate(zip(stack.heads, stack.offsets)):
-        out[:, u, o:o + nq] = _head_rows(x, heads, plan).flatten(2, 3)
+def _count(heads: slice) -> int:
+    return len(range(heads.stop)[heads])
+
+
+def _span_blocks(stack: _Stack, span: _Span, nq: int):
+    """(unit, its query blocks [lo, hi) in the span, their first stack block - span.k0)."""
+    for u, o in enumerate(stack.offsets):
+        lo, hi = max(span.k0 - o, 0), min(span.k1 - o, nq)
+        if hi > lo:
+            yield u, lo, hi, lo + o - span.k0
+
+
+def _stacked(x, stack: _Stack, span: _Span, plan: _Plan):
+    """[b, nq, H*bs, ...] block rows -> [b, units, span blocks, n*bs, ...]: each unit's rows at its
+    offset, zeros elsewhere (their results are dropped)."""
+    b, nq = x.shape[:2]
+    n = _count(stack.heads[0])
+    out = x.new_zeros(b, len(stack.heads), span.k1 - span.k0, n * plan.block, *x.shape[3:])
+    for u, lo, hi, at in _span_blocks(stack, span, nq):
+        out[:, u, at:at + hi - lo] = _head_rows(x, stack.heads[u], plan)[:, lo:hi].flatten(2, 3)
     return out
 
 
-def _unstack_(x, x_stacked, stack: _Stack, plan: _Plan, add: bool = False):
+def _unstack_(x, x_stacked, stack: _Stack, span: _Span, plan: _Plan, add: bool = False):
     """Inverse of ``_stacked``: write (or add) each unit's rows back into x [b, nq, H*bs, ...]."""
-    nq = x.shape[1]
-    for u, (heads, o) in enumerate(zip(stack.heads, stack.offsets)):
-        dst = _head_rows(x, heads, plan)
-        src = x_stacked[:, u, o:o + nq].view(dst.shape)
+    for u, lo, hi, at in _span_blocks(stack, span, x.shape[1]):
+        dst = _head_rows(x, stack.heads[u], plan)[:, lo:hi]
+        src = x_stacked[:, u, at:at + hi - lo].view(dst.shape)
         dst.add_(src) if add else dst.copy_(src)
-
-
-def _unit_shape(x, stack: _Stack, plan: _Plan):
-    heads = stack.heads[0]
-    return (len(range(heads.stop)[heads]) * plan.block, *x.shape[3:])
 
 
 def _head_rows(x, heads: slice, plan: _Plan):
@@ -295,11 +319,11 @@ def _stacked_columns(t, stack: _Stack, plan: _Plan):
     return t.unflatten(2, (-1, plan.block))[:, kv, stack.col_blocks].flatten(2, 3)
 
 
-def _run_rows(x, run: _Run, parts: int):
-    """[b, units, stack blocks, n*bs, ...] -> the run's rows as the kernel's [batch, units, rows,
+def _run_rows(x, span: _Span, run: _Run, parts: int):
+    """[b, units, span blocks, n*bs, ...] -> the run's rows as the kernel's [batch, units, rows,
     ...]: [b, units, rows, ...], or with b = 1 and ``parts`` > 1 [parts, units, rows / parts, ...],
     so that the kernel's backward (parallel over batch x units) has work for every thread."""
-    x = x[:, :, run.k0:run.k1].flatten(2, 3)
+    x = x[:, :, run.k0 - span.k0:run.k1 - span.k0].flatten(2, 3)
     return x if parts == 1 else x[0].unflatten(1, (parts, -1)).transpose(0, 1)
 
 
@@ -321,17 +345,18 @@ def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
             band_lse[bi, m0:m1].unflatten(1, (kv_heads, -1)).copy_(lse)
     strided_out, strided_lse = torch.zeros_like(q), q.new_full((b, nq, R), _NEG_INF)
     for stack in plan.stacks:
-        sq = _stacked(q, stack, plan)
-        s_out, s_lse = torch.zeros_like(sq), sq.new_full(sq.shape[:-1], _NEG_INF)
         k_cols, v_cols = _stacked_columns(k_pad, stack, plan), _stacked_columns(v_pad, stack, plan)
-        for run in stack.runs:
-            n = run.cols * plan.block
-            o, lse = _attend(_run_rows(sq, run, 1), k_cols[:, :, :n], v_cols[:, :, :n],
-                             _additive(run.keys_ok, q.dtype), scale)
-            _run_rows(s_out, run, 1).copy_(o)
-            _run_rows(s_lse, run, 1).copy_(lse)
-        _unstack_(strided_out, s_out, stack, plan)
-        _unstack_(strided_lse, s_lse, stack, plan)
+        for span in stack.spans:
+            sq = _stacked(q, stack, span, plan)
+            s_out, s_lse = torch.zeros_like(sq), sq.new_full(sq.shape[:-1], _NEG_INF)
+            for run in span.runs:
+                n = run.cols * plan.block
+                o, lse = _attend(_run_rows(sq, span, run, 1), k_cols[:, :, :n], v_cols[:, :, :n],
+                                 _additive(run.keys_ok, q.dtype), scale)
+                _run_rows(s_out, span, run, 1).copy_(o)
+                _run_rows(s_lse, span, run, 1).copy_(lse)
+            _unstack_(strided_out, s_out, stack, span, plan)
+            _unstack_(strided_lse, s_lse, stack, span, plan)
     return _merge_(band_out, band_lse, strided_out, strided_lse)
 
 
@@ -368,19 +393,21 @@ def _attention_rows_backward(plan: _Plan, do, q, k_pad, v_pad, out, lse, scale):
                 for w in range(plan.window):
                     blocks[:, start + w:start + w + m1 - m0] += slots[:, :, w].transpose(0, 1)
     for stack in plan.stacks:
-        s_do, sq, s_out, s_lse = (_stacked(x, stack, plan) for x in (do, q, out, lse))
         k_cols, v_cols = _stacked_columns(k_pad, stack, plan), _stacked_columns(v_pad, stack, plan)
-        s_dq, dk_cols, dv_cols = torch.zeros_like(sq), torch.zeros_like(k_cols), torch.zeros_like(v_cols)
-        for run in stack.runs:
-            n, p = run.cols * bs, _parts(stack, run, b, sq.shape[3])
-            k_r, v_r = (t[:, :, :n] if p == 1 else t[:, :, :n].expand(p, -1, -1, -1) for t in (k_cols, v_cols))
-            dq_r, dk_r, dv_r = _attend_backward(*(_run_rows(x, run, p) for x in (s_do, sq)), k_r, v_r,
-                                                *(_run_rows(x, run, p) for x in (s_out, s_lse)),
-                                                _additive(run.keys_ok, q.dtype), scale)
-            _run_rows(s_dq, run, p).copy_(dq_r)
-            dk_cols[:, :, :n] += dk_r if p == 1 else dk_r.sum(0, keepdim=True)
-            dv_cols[:, :, :n] += dv_r if p == 1 else dv_r.sum(0, keepdim=True)
-        _unstack_(dq, s_dq, stack, plan, add=True)
+        dk_cols, dv_cols = torch.zeros_like(k_cols), torch.zeros_like(v_cols)
+        for span in stack.spans:
+            s_do, sq, s_out, s_lse = (_stacked(x, stack, span, plan) for x in (do, q, out, lse))
+            s_dq = torch.zeros_like(sq)
+            for run in span.runs:
+                n, p = run.cols * bs, _parts(stack, run, b, sq.shape[3])
+                k_r, v_r = (t[:, :, :n] if p == 1 else t[:, :, :n].expand(p, -1, -1, -1) for t in (k_cols, v_cols))
+                dq_r, dk_r, dv_r = _attend_backward(*(_run_rows(x, span, run, p) for x in (s_do, sq)), k_r, v_r,
+                                                    *(_run_rows(x, span, run, p) for x in (s_out, s_lse)),
+                                                    _additive(run.keys_ok, q.dtype), scale)
+                _run_rows(s_dq, span, run, p).copy_(dq_r)
+                dk_cols[:, :, :n] += dk_r if p == 1 else dk_r.sum(0, keepdim=True)
+                dv_cols[:, :, :n] += dv_r if p == 1 else dv_r.sum(0, keepdim=True)
+            _unstack_(dq, s_dq, stack, span, plan, add=True)
         for u, (g, count) in enumerate(zip(stack.kv_heads, stack.col_counts)):
             for grad, cols in ((dk, dk_cols), (dv, dv_cols)):
                 grad[:, g].unflatten(1, (-1, bs)).index_add_(1, stack.col_blocks[u, :count],

@@ -15,6 +15,20 @@ def test_torch_backend_matches_reference(case, dtype, atol, rtol):
     assert_matches_reference("torch", case, dtype, atol, rtol)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_torch_backend_split_into_the_smallest_pieces_matches_reference(case, monkeypatch):
+    """Budgets of one block: every band backward call and every stacked span holds one block's or
+    one run's rows (what long sequences do), and still equal the oracle."""
+    import s2attn.torch_attention as torch_attention
+    monkeypatch.setattr(torch_attention, "_BAND_GRAD_ELEMENTS", 1)
+    monkeypatch.setattr(torch_attention, "_STACK_ROWS", 1)
+    torch_attention._plan.cache_clear()
+    try:
+        assert_matches_reference("torch", case, torch.float32, 2e-5, 1e-4)
+    finally:
+        torch_attention._plan.cache_clear()
+
+
 def test_queries_that_see_no_key_get_zero_and_neg_inf():
     case = Case("kv_after_q", s_q=64, s_kv=64, kv_offset=32, block_size=16)
     out, lse, dq, _, _ = run("torch", case, *make_inputs(case, torch.float32))

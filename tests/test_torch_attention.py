@@ -15,7 +15,27 @@ def test_torch_backend_matches_reference(case, dtype, atol, rtol):
     assert_matches_reference("torch", case, dtype, atol, rtol)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+# Band windows of 8 blocks of 64 rows (MHA) or 4 blocks of 128 rows (GQA 2:1): the band runs 3 or 2
+# query blocks to a kernel entry; a block count that does not divide, a late query chunk, a dense head.
+SUPERBLOCK_CASES = [
+    Case("superblock_mha", batch=2, s_q=1000, s_kv=1000, head_dim=16, block_size=64, local_blocks=8, vert_stride=4),
+    Case("superblock_gqa", s_q=700, s_kv=700, heads=4, kv_heads=2, head_dim=16, block_size=64, local_blocks=4,
+         vert_stride=2, num_dense_heads=1),
+    Case("superblock_q_after_kv", s_q=600, s_kv=1280, q_offset=640, heads=2, kv_heads=2, head_dim=16,
+         block_size=64, local_blocks=8, vert_stride=3),
+]
+
+
+@pytest.mark.parametrize("case", SUPERBLOCK_CASES, ids=lambda c: c.name)
+def test_band_superblocks_match_reference(case):
+    from s2attn.torch_attention import _plan
+    plan = _plan(case.layout(), case.s_q, case.s_kv, case.q_offset, case.kv_offset, case.head_offset, case.heads,
+                 torch.device("cpu"))
+    assert any(call.superblock > 1 for call in plan.band_calls)
+    assert_matches_reference("torch", case, torch.float32, 2e-5, 1e-4)
+
+
+@pytest.mark.parametrize("case", CASES + SUPERBLOCK_CASES, ids=lambda c: c.name)
 def test_torch_backend_split_into_the_smallest_pieces_matches_reference(case, monkeypatch):
     """Budgets of one block: every band backward call and every stacked span holds one block's or
     one run's rows (what long sequences do), and still equal the oracle."""

@@ -277,13 +277,14 @@ def _block_rows(x_bshd, plan: _Plan, dtype):
     group's heads one after another within a block (zero-padded to whole blocks)."""
     b, s, H = x_bshd.shape[:3]
     nq, bs, group, rest = plan.nq, plan.block, plan.group, x_bshd.shape[3:]
-    out = x_bshd.new_zeros(b, H // group, nq, group, bs, *rest, dtype=dtype)
+    out = x_bshd.new_empty(b, H // group, nq, group, bs, *rest, dtype=dtype)
     by_token = out.movedim((2, 4), (1, 2))                       # [b, nq, bs, kv_heads, group, ...]
     x = x_bshd.unflatten(2, (H // group, group))
     whole = s // bs
     by_token[:, :whole] = x[:, :whole * bs].unflatten(1, (whole, bs))
     if whole < nq:                                        # the partial last block
         by_token[:, whole, :s - whole * bs] = x[:, whole * bs:]
+        by_token[:, whole, s - whole * bs:] = 0
     return out.flatten(3, 4)
 
 
@@ -334,9 +335,13 @@ def _stacked(x, stack: _Stack, span: _Span, plan: _Plan):
     offset, zeros elsewhere (their results are dropped)."""
     b, nq = x.shape[0], plan.nq
     n = _count(stack.heads[0])
-    out = x.new_zeros(b, len(stack.heads), span.k1 - span.k0, n * plan.block, *x.shape[4:])
-    for u, lo, hi, at in _span_blocks(stack, span, nq):
+    out = x.new_empty(b, len(stack.heads), span.k1 - span.k0, n * plan.block, *x.shape[4:])
+    covered = {u: (lo, hi, at) for u, lo, hi, at in _span_blocks(stack, span, nq)}
+    for u in range(len(stack.heads)):
+        lo, hi, at = covered.get(u, (0, 0, 0))
         out[:, u, at:at + hi - lo] = _head_rows(x, stack, u, plan)[:, lo:hi].flatten(2, 3)
+        out[:, u, :at] = 0
+        out[:, u, at + hi - lo:] = 0
     return out
 
 

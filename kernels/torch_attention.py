@@ -1,34 +1,35 @@
 """The pure-PyTorch S2 attention path (CPU, and any device without Triton).
 
 What it computes: exactly the S2 pattern of ``layout.py`` (with token causality and bounds), as a
-few calls of a fused dense attention kernel over the pattern's structure, never O(s^2) memory:
+few dozen calls of a fused dense attention kernel over the pattern's structure, never O(s^2) memory:
 
 * the local window is a band: query block i sees key blocks i-W+1 .. i, one contiguous slab of K.
   The windows of all query blocks are one ``as_strided`` view of K (no copy), so one call with the
-  query blocks as its batch attends every window, under a [rows, W*bs] mask broadcast over the
-  blocks (the diagonal block's causality). Blocks whose window reaches padding (before the first
-  key or past the last) take a call of their own with their exact mask;
+  query blocks as its batch and the kv heads as its heads attends every window, under one mask
+  broadcast over the blocks (the diagonal block's causality). A kv head's group is folded into the
+  rows of a query block (K/V are never expanded), and where a block has few rows, G blocks share an
+  entry and the union of their windows (``_Plan._band_calls``). Blocks whose window reaches
+  padding (before the first key or past the last) take a call of their own with their exact mask;
 * the strided blocks of a head are a fixed column subset (the blocks with the head's residue mod
   ``vert_stride``; every block for a dense head), gathered once per call. Query block i sees those
-  with j <= i - L (older than its window), so the consecutive query blocks that see the same
-  number of columns form a run (``vert_stride`` blocks for an S2 head, one for a dense head), and
-  one unmasked call attends a run's rows against that prefix of the columns (causal skipping);
-* band and strided results combine through their log-sum-exps (``merge.merge_attention``).
+  with j <= i - L (older than its window), so the count it sees steps once per ``vert_stride``
+  blocks (every block for a dense head). The heads that share a kv head and a pattern form a unit;
+  units are stacked at offsets that line up their steps (``_Stack``), so that one unmasked call per
+  run of equal counts attends every unit's rows against its own prefix of columns (causal
+  skipping);
+* the strided results merge into the band's through their log-sum-exps (``merge.merge_attention``'s
+  rule).
 
 The backward runs the kernel's backward on the same pieces, given the merged out and lse:
 FlashAttention's P = exp(S - lse) and Delta = rowsum(dO * out) hold on every subset of the keys.
-lse's gradient enters as Delta - dlse, through one extra feature column (0 in q, k, v; -dlse in
-out; 1 in dO), only when it is nonzero.
+The band's dK/dV come per window and are folded back onto their key blocks. lse's gradient enters
+as Delta - dlse, through one extra feature column (0 in q, k, v; -dlse in out; 1 in dO), only when
+it is nonzero.
 
 The kernel (``_attend``, ``_attend_backward``): on the CPU, ATen's fused flash-attention kernel, the
 one behind ``F.scaled_dot_product_attention`` there, called through its lse-returning operators;
-elsewhere, the same formulas in matmuls (one call's scores in memory).
-
-The query heads of one kv head that share a pattern form a unit (``_Unit``): the whole group under
-"kv" sharding, one head under "query" sharding. The band is the same for every head, so its calls
-take all heads, each kv head's group folded into the rows of a query block ([nq, group*bs, d])
-against its K/V, which are never expanded. The strided calls go unit by unit. Arithmetic, out
-before the cast and lse in float32 (float64 for float64 inputs).
+elsewhere, the same formulas in matmuls (one call's scores in memory). Arithmetic, out before the
+cast and lse in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
@@ -137,11 +138,9 @@ class _Stack:
     kv_heads: tuple
     """Local kv head of each unit."""
     heads: tuple
-    """Local query heads of each unit (a slice: evenly spaced, n of them)."""
+    """Each unit's query heads within its kv head's group (a slice: evenly spaced, n of them)."""
     offsets: tuple
     """Stack block of each unit's query block 0."""
-    blocks: int
-    """Stack length in blocks."""
     col_blocks: torch.Tensor
     """long [units, c]: each unit's strided key blocks (every key block for dense heads) as
     indices into the padded keys, in order; padded past a unit's ``col_counts`` (never seen)."""
@@ -224,7 +223,7 @@ class _Plan:
             else:
                 spans.append((run.k0, [run]))
         spans = tuple(_Span(k0, span[-1].k1, tuple(span)) for k0, span in spans)
-        return _Stack(tuple(u[0] for u in units), tuple(u[1] for u in units), tuple(offsets), blocks,
+        return _Stack(tuple(u[0] for u in units), tuple(u[1] for u in units), tuple(offsets),
                       col_blocks.to(device), tuple(counts), spans)
 
     def _band_allowed(self, superblock: int) -> torch.Tensor:
@@ -373,6 +372,9 @@ def _run_rows(x, span: _Span, run: _Run, parts: int):
 
 
 def _parts(stack: _Stack, run: _Run, batch: int, rows: int) -> int:
+    """Parts to split a run's rows into for its backward call (``rows`` per stack block): the
+    kernel's backward is parallel over batch x heads only, so with one sequence and fewer units
+    than threads the rows go in parts side by side (their dK/dV summed after)."""
     calls = batch * len(stack.heads)
     return 1 if batch > 1 else math.gcd((run.k1 - run.k0) * rows, -(-torch.get_num_threads() // calls))
 

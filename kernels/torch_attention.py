@@ -46,10 +46,11 @@ from .merge import safe_logsumexp
 _NEG_INF = float("-inf")
 _BAND_GRAD_ELEMENTS = 1 << 20   # band window gradients per backward call: 4 MiB in fp32, in cache
 _STACK_ROWS = 1 << 15           # query rows stacked at once: 8 MiB per tensor at d = 64 in fp32
+_MATMUL_SCORES = 1 << 26        # scores of one matmul piece (off the CPU): 256 MiB in fp32
 
 
 def _attend(q, k, v, mask, scale: float):
-    """Softmax attention with its lse, on ATen's fused CPU kernel (plain matmuls elsewhere).
+    """Softmax attention with its lse, on ATen's fused CPU kernel (``_matmul_attend`` elsewhere).
 
     q [B, H, Lq, d], k/v [B, H, Lk, d] (any strides with a contiguous last dim; an expanded k/v
     is read, not copied), mask None or additive (0 / -inf, q's dtype) broadcastable to
@@ -57,14 +58,10 @@ def _attend(q, k, v, mask, scale: float):
     [B, H, Lq] (float32, float64 for float64 q); rows that the mask hides entirely get out 0 and
     lse -inf.
     """
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-    else:
-        s = torch.matmul(q, k.transpose(-2, -1)) * scale
-        s = s if mask is None else s + mask
-        lse = safe_logsumexp(s, -1)
-        out = torch.matmul(torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)), v)
+    if q.device.type != "cpu":
+        return _matmul_attend(q, k, v, mask, scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale)
     if mask is not None:                          # the fused kernel reports lse 0 for such rows
         lse = lse.masked_fill(torch.isneginf(mask).all(-1), _NEG_INF)
     return out, lse
@@ -75,14 +72,52 @@ def _attend_backward(do, q, k, v, out, lse, mask, scale: float):
     attention's out [B, H, Lq, d] and lse [B, H, Lq] (+inf on rows that see no key, so P = 0):
     P = exp(S - lse), dS = P * (dO v^T - rowsum(dO * out)) (FlashAttention-2, Dao 2023, alg. 2).
     Shapes as ``_attend``; dk/dv come back [B, H, Lk, d] even for an expanded k/v."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
-    p = torch.exp((s if mask is None else s + mask) - lse.unsqueeze(-1))
-    ds = p * (torch.matmul(do, v.transpose(-2, -1)) - (do * out).sum(-1, keepdim=True))
-    return (torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-2, -1), q) * scale,
-            torch.matmul(p.transpose(-2, -1), do))
+    if q.device.type != "cpu":
+        return _matmul_attend_backward(do, q, k, v, out, lse, mask, scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+
+
+def _pieces(q, k):
+    """Slices (of dim 0, of the query rows) that cut one call into pieces whose scores hold at
+    most _MATMUL_SCORES elements."""
+    B, H, Lq, _ = q.shape
+    rows = max(1, _MATMUL_SCORES // (H * k.shape[2]))          # query rows per piece, over B x Lq
+    step_b, step_q = (max(1, rows // Lq), Lq) if rows >= Lq else (1, rows)
+    for b0, q0 in itertools.product(range(0, B, step_b), range(0, Lq, step_q)):
+        yield slice(b0, b0 + step_b), slice(q0, q0 + step_q)
+
+
+def _piece_scores(q, k, mask, scale, bs: slice, qs: slice):
+    s = torch.matmul(q[bs, :, qs], k[bs].transpose(-2, -1)) * scale
+    if mask is not None:
+        s = s + mask[bs if mask.shape[0] > 1 else slice(None), :, qs if mask.shape[2] > 1 else slice(None)]
+    return s
+
+
+def _matmul_attend(q, k, v, mask, scale: float):
+    """``_attend`` in matmuls, piece by piece (any device)."""
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    for bs, qs in _pieces(q, k):
+        s = _piece_scores(q, k, mask, scale, bs, qs)
+        lse[bs, :, qs] = safe_logsumexp(s, -1)
+        top = torch.where(torch.isfinite(lse[bs, :, qs]), lse[bs, :, qs], 0.0).unsqueeze(-1)
+        out[bs, :, qs] = torch.matmul(torch.exp(s - top), v[bs])
+    return out, lse
+
+
+def _matmul_attend_backward(do, q, k, v, out, lse, mask, scale: float):
+    """``_attend_backward`` in matmuls, piece by piece (any device)."""
+    dq = torch.empty_like(q)
+    dk, dv = q.new_zeros(k.shape), q.new_zeros(v.shape)
+    for bs, qs in _pieces(q, k):
+        p = torch.exp(_piece_scores(q, k, mask, scale, bs, qs) - lse[bs, :, qs].unsqueeze(-1))
+        do_p = do[bs, :, qs]
+        ds = p * (torch.matmul(do_p, v[bs].transpose(-2, -1)) - (do_p * out[bs, :, qs]).sum(-1, keepdim=True))
+        dq[bs, :, qs] = torch.matmul(ds, k[bs]) * scale
+        dk[bs] += torch.matmul(ds.transpose(-2, -1), q[bs, :, qs]) * scale
+        dv[bs] += torch.matmul(p.transpose(-2, -1), do_p)
+    return dq, dk, dv
 
 
 def _additive(allowed: torch.Tensor | None, dtype) -> torch.Tensor | None:

@@ -49,6 +49,40 @@ def test_torch_backend_split_into_the_smallest_pieces_matches_reference(case, mo
         torch_attention._plan.cache_clear()
 
 
+@pytest.mark.parametrize("budget", [1 << 26, 700, 1], ids=["whole", "pieces", "rows"])
+def test_matmul_fallback_matches_the_fused_cpu_kernel(budget, monkeypatch):
+    """Off the CPU each call runs in matmuls, piece by piece; here both run on the CPU, with an
+    expanded k/v (a stack's columns), a mask that hides whole rows, and pieces down to one row."""
+    import s2attn.torch_attention as torch_attention
+    monkeypatch.setattr(torch_attention, "_MATMUL_SCORES", budget)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 40, 16, generator=gen)
+    k, v = (torch.randn(3, 1, 24, 16, generator=gen).expand(3, 2, 24, 16) for _ in range(2))
+    allowed = torch.rand(1, 2, 40, 24, generator=gen) > 0.3
+    allowed[0, 0, :3] = False
+    mask = torch_attention._additive(allowed, torch.float32)
+    out, lse = torch_attention._attend(q, k, v, mask, 0.3)
+    got_out, got_lse = torch_attention._matmul_attend(q, k, v, mask, 0.3)
+    torch.testing.assert_close(got_out, out)
+    assert torch.equal(torch.isneginf(got_lse), torch.isneginf(lse)) and torch.isneginf(lse).any()
+    torch.testing.assert_close(torch.where(torch.isfinite(lse), got_lse, 0.0), torch.where(torch.isfinite(lse), lse, 0.0))
+    do, lse = torch.randn(out.shape, generator=gen), torch.where(torch.isneginf(lse), float("inf"), lse)
+    want = torch_attention._attend_backward(do, q, k, v, out, lse, mask, 0.3)
+    got = torch_attention._matmul_attend_backward(do, q, k, v, out, lse, mask, 0.3)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("gqa", "dense_heads", "q_after_kv", "query_gqa4")],
+                         ids=lambda c: c.name)
+def test_torch_backend_on_the_matmul_fallback_matches_reference(case, monkeypatch):
+    """The whole torch path with the off-CPU kernel (matmuls) in place of the fused one."""
+    import s2attn.torch_attention as torch_attention
+    monkeypatch.setattr(torch_attention, "_attend", torch_attention._matmul_attend)
+    monkeypatch.setattr(torch_attention, "_attend_backward", torch_attention._matmul_attend_backward)
+    assert_matches_reference("torch", case, torch.float32, 2e-5, 1e-4)
+
+
 def test_queries_that_see_no_key_get_zero_and_neg_inf():
     case = Case("kv_after_q", s_q=64, s_kv=64, kv_offset=32, block_size=16)
     out, lse, dq, _, _ = run("torch", case, *make_inputs(case, torch.float32))

@@ -1,22 +1,23 @@
 """The pure-PyTorch S2 attention path (CPU, and any device without Triton).
 
-What it computes: exactly the S2 pattern of ``layout.py`` (with token causality and bounds), as a
-few dozen calls of a fused dense attention kernel over the pattern's structure, never O(s^2) memory:
+What it computes: exactly the S2 pattern of ``layout.py`` (with token causality and bounds), as
+calls of a fused dense attention kernel over the pattern's structure, never O(s^2) memory:
 
 * the local window is a band: query block i sees key blocks i-W+1 .. i, one contiguous slab of K.
-  The windows of all query blocks are one ``as_strided`` view of K (no copy), so one call with the
-  query blocks as its batch and the kv heads as its heads attends every window, under one mask
-  broadcast over the blocks (the diagonal block's causality). A kv head's group is folded into the
-  rows of a query block (K/V are never expanded), and where a block has few rows, G blocks share an
-  entry and the union of their windows (``_Plan._band_calls``). Blocks whose window reaches
-  padding (before the first key or past the last) take a call of their own with their exact mask;
+  The windows of all query blocks are one ``as_strided`` view of K (no copy), so one call per
+  sequence, with the query blocks as its batch and the kv heads as its heads, attends every
+  window under one mask broadcast over the blocks (the diagonal block's causality). A kv head's
+  group is folded into the rows of a query block (K/V are never expanded), and where a block has
+  few rows, G blocks share an entry and the union of their windows (``_Plan._band_calls``). The
+  first and last blocks, whose windows reach padding (before the first key or past the last),
+  take one call each side, with a mask per block;
 * the strided blocks of a head are a fixed column subset (the blocks with the head's residue mod
   ``vert_stride``; every block for a dense head), gathered once per call. Query block i sees those
   with j <= i - L (older than its window), so the count it sees steps once per ``vert_stride``
   blocks (every block for a dense head). The heads that share a kv head and a pattern form a unit;
   units are stacked at offsets that line up their steps (``_Stack``), so that one unmasked call per
   run of equal counts attends every unit's rows against its own prefix of columns (causal
-  skipping);
+  skipping): about s / (bs * vert_stride) calls, and s / bs for dense heads;
 * the strided results merge into the band's through their log-sum-exps (``merge.merge_attention``'s
   rule).
 
@@ -39,6 +40,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .layout import S2Layout
 from .merge import safe_logsumexp
@@ -63,7 +65,8 @@ def _attend(q, k, v, mask, scale: float):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=mask, scale=scale)
     if mask is not None:                          # the fused kernel reports lse 0 for such rows
-        lse = lse.masked_fill(torch.isneginf(mask).all(-1), _NEG_INF)
+        unseen = torch.isneginf(mask).all(-1)
+        out, lse = out.masked_fill(unseen.unsqueeze(-1), 0.0), lse.masked_fill(unseen, _NEG_INF)
     return out, lse
 
 
@@ -141,12 +144,13 @@ class _BandCall:
 
 @dataclass(frozen=True)
 class _Run:
-    """Stack blocks [k0, k1) where unit u sees its first ``seen[u]`` strided columns."""
+    """Stack blocks [k0, k1) where every unit sees the same first columns of its own, at most
+    ``cols`` of them (how many each unit sees is in ``keys_ok``)."""
 
     k0: int
     k1: int
     cols: int
-    """max(seen): the columns of the call."""
+    """The columns of the call: the most any unit sees."""
     keys_ok: torch.Tensor | None
     """bool [1, units, 1, cols*bs]: the keys each unit sees (fewer columns than ``cols``, keys past
     the end), or None when every unit sees them all (no mask)."""
@@ -289,13 +293,13 @@ class _Plan:
         inner = keys_ok.view(nq, -1).all(-1).tolist()
         lo = next((m for m in range(nq) if inner[m]), nq)
         hi = max(lo, next((m + 1 for m in reversed(range(nq)) if inner[m]), 0))
-        clean = all(inner[lo:hi])
+        assert all(inner[lo:hi]), "keys are one range of tokens, so are the blocks that see only keys"
         G = -(-192 // (self.group * bs))
-        G = G if clean and (G + W - 1) <= 1.25 * W else 1
+        G = G if (G + W - 1) <= 1.25 * W else 1
         mid = lo + (hi - lo) // G * G
         one = self._band_allowed(1)
         calls = [_BandCall(0, lo, 1, one & keys_ok[:lo]),
-                 _BandCall(lo, mid, G, self._band_allowed(G) if clean else one & keys_ok[lo:mid]),
+                 _BandCall(lo, mid, G, self._band_allowed(G)),
                  _BandCall(mid, hi, 1, one),
                  _BandCall(hi, nq, 1, one & keys_ok[hi:])]
         return [call for call in calls if call.m1 > call.m0]
@@ -323,9 +327,17 @@ def _block_rows(x_bshd, plan: _Plan, dtype):
 
 
 def _from_block_rows(x, s: int, plan: _Plan):
-    """Inverse of _block_rows: [b, kv_heads, nq, group*bs, ...] -> [b, s, H, ...]."""
-    by_token = x.unflatten(3, (plan.group, plan.block)).movedim((1, 3), (3, 4))  # [b, nq, bs, kv, group, ...]
-    return by_token.flatten(3, 4).flatten(1, 2)[:, :s]
+    """Inverse of _block_rows: [b, kv_heads, nq, group*bs, ...] -> [b, s, H, ...], a new tensor
+    (not a view: outputs of the autograd function must be the caller's to change in place)."""
+    b, kv_heads, nq, bs = x.shape[0], x.shape[1], plan.nq, plan.block
+    out = x.new_empty(b, s, kv_heads * plan.group, *x.shape[4:])
+    by_token = x.unflatten(3, (plan.group, bs)).movedim((1, 3), (3, 4))   # [b, nq, bs, kv, group, ...]
+    dst = out.unflatten(2, (kv_heads, plan.group))
+    whole = s // bs
+    dst[:, :whole * bs].unflatten(1, (whole, bs)).copy_(by_token[:, :whole])
+    if whole < nq:                                        # the partial last block
+        dst[:, whole * bs:].copy_(by_token[:, whole, :s - whole * bs])
+    return out
 
 
 def _padded_keys(t_bshd, plan: _Plan, dtype):
@@ -410,8 +422,7 @@ def _parts(stack: _Stack, run: _Run, batch: int, rows: int) -> int:
     """Parts to split a run's rows into for its backward call (``rows`` per stack block): the
     kernel's backward is parallel over batch x heads only, so with one sequence and fewer units
     than threads the rows go in parts side by side (their dK/dV summed after)."""
-    calls = batch * len(stack.heads)
-    return 1 if batch > 1 else math.gcd((run.k1 - run.k0) * rows, -(-torch.get_num_threads() // calls))
+    return 1 if batch > 1 else math.gcd((run.k1 - run.k0) * rows, -(-torch.get_num_threads() // len(stack.heads)))
 
 
 def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
@@ -512,15 +523,15 @@ class _S2TorchFunction(torch.autograd.Function):
         out_rows, lse_rows = _attention_rows(plan, q_rows, k_pad, v_pad, scale)
         ctx.save_for_backward(q_rows, k_pad, v_pad, out_rows, lse_rows)
         ctx.plan, ctx.scale, ctx.shapes = plan, scale, (q.shape, q.dtype, k.shape, k.dtype)
-        out = _from_block_rows(out_rows, s_q, plan)
-        lse = _from_block_rows(lse_rows, s_q, plan)
-        return out.to(q.dtype), lse.transpose(1, 2).contiguous()
+        lse = _from_block_rows(lse_rows, s_q, plan).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        return _from_block_rows(out_rows, s_q, plan).to(q.dtype), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_lse):
         q_rows, k_pad, v_pad, out_rows, lse_rows = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        (b, s_q, heads, d), q_dtype, k_shape, k_dtype = ctx.shapes
+        (_, s_q, _, d), q_dtype, k_shape, k_dtype = ctx.shapes
         do_rows = _block_rows(d_out, plan, q_rows.dtype)
         lse_rows = torch.where(torch.isneginf(lse_rows), float("inf"), lse_rows)     # rows with no key: P = 0
         dlse_rows = _block_rows(d_lse.transpose(1, 2), plan, q_rows.dtype)

@@ -100,7 +100,7 @@ def test_transposed_megatron_layout_is_accepted():
 
 def test_fp16_large_logits_match_reference():
     """Logits in the thousands: every output within 3e-3 of the float64 oracle's largest value
-    (measured here: 6e-4 at most)."""
+    (measured here: 7e-4 at most)."""
     assert_close_to_reference("torch", Case("large", s_q=128, s_kv=128), torch.float16, 3e-3, ord=float("inf"),
                               scale=30.0)
 

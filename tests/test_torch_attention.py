@@ -83,6 +83,21 @@ def test_torch_backend_on_the_matmul_fallback_matches_reference(case, monkeypatc
     assert_matches_reference("torch", case, torch.float32, 2e-5, 1e-4)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("gqa", "mha_partial_block")], ids=lambda c: c.name)
+def test_outputs_can_be_changed_in_place(case):
+    """out and lse are the caller's: an in-place change keeps the gradient of what was returned."""
+    q, k, v = (t.requires_grad_() for t in make_inputs(case, torch.float32))
+    out, lse = s2_attention(q, k, v, case.layout(), return_lse=True, backend="torch")
+    out.mul_(2.0)
+    lse.add_(1.0)
+    (out.sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
+    q64 = q.detach().double().requires_grad_()
+    out64, lse64 = s2_attention(q64, k.detach().double(), v.detach().double(), case.layout(), return_lse=True,
+                                backend="reference")
+    (2.0 * out64.sum() + torch.where(torch.isfinite(lse64), lse64 + 1.0, 0.0).sum()).backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_queries_that_see_no_key_get_zero_and_neg_inf():
     case = Case("kv_after_q", s_q=64, s_kv=64, kv_offset=32, block_size=16)
     out, lse, dq, _, _ = run("torch", case, *make_inputs(case, torch.float32))

@@ -206,7 +206,7 @@ class _Plan:
         self.first_window_block = first + self.pad_front
         k_tok = torch.arange(self.num_blocks_padded * bs) - self.pad_front * bs
         key_valid = ((k_tok >= 0) & (k_tok < s_kv)).view(-1, bs)          # [padded blocks, bs]
-        self.band_calls = [_BandCall(c.m0, c.m1, c.superblock, c.allowed.to(device)) for c in self._band_calls(key_valid)]
+        self.band_calls = self._band_calls(key_valid, device)
         q_block_abs = torch.arange(qb0, qb0 + self.nq)
         by_kind = {}                   # (dense, heads) -> [(kv head, heads, columns, columns seen)]
         for h0 in range(0, heads, layout.group_size):      # the query heads of each local kv head
@@ -234,12 +234,10 @@ class _Plan:
             offsets.append(-int(steps[0]) % period if len(steps) else 0)
         blocks = -(-(self.nq + max(offsets)) // period) * period
         per_block = torch.zeros(blocks, len(units), dtype=torch.long)     # columns seen, 0 off the unit
-        for u, (_, _, _, seen) in enumerate(units):
-            per_block[offsets[u]:offsets[u] + self.nq, u] = seen
-        per_period = per_block.view(-1, period, len(units)).amax(1)
         valid = torch.zeros(blocks, len(units), dtype=torch.bool)
-        for u, o in enumerate(offsets):
-            valid[o:o + self.nq, u] = True
+        for u, (o, (_, _, _, seen)) in enumerate(zip(offsets, units)):
+            per_block[o:o + self.nq, u], valid[o:o + self.nq, u] = seen, True
+        per_period = per_block.view(-1, period, len(units)).amax(1)
         constant = torch.where(valid, per_block == per_period.repeat_interleave(period, 0), True)
         assert bool(constant.all()), "a unit's strided columns change inside a period"
         counts = [len(cols) for _, _, cols, _ in units]
@@ -277,7 +275,7 @@ class _Plan:
         keep = (slot >= 0) & (slot < W) & ((slot < W - 1) | (u <= t))      # [G, 1, bs, G+W-1, bs]
         return keep.expand(G, self.group, bs, G + W - 1, bs).reshape(1, 1, G * self.group * bs, -1)
 
-    def _band_calls(self, key_valid: torch.Tensor) -> list:
+    def _band_calls(self, key_valid: torch.Tensor, device) -> list:
         """The band's calls. The inner query blocks, whose windows hold only keys, share one mask
         broadcast over their entries; the blocks whose windows reach padding (a prefix and a
         suffix) take masks of their own.
@@ -298,11 +296,9 @@ class _Plan:
         G = G if (G + W - 1) <= 1.25 * W else 1
         mid = lo + (hi - lo) // G * G
         one = self._band_allowed(1)
-        calls = [_BandCall(0, lo, 1, one & keys_ok[:lo]),
-                 _BandCall(lo, mid, G, self._band_allowed(G)),
-                 _BandCall(mid, hi, 1, one),
-                 _BandCall(hi, nq, 1, one & keys_ok[hi:])]
-        return [call for call in calls if call.m1 > call.m0]
+        calls = [(0, lo, 1, one & keys_ok[:lo]), (lo, mid, G, self._band_allowed(G)), (mid, hi, 1, one),
+                 (hi, nq, 1, one & keys_ok[hi:])]
+        return [_BandCall(m0, m1, g, allowed.to(device)) for m0, m1, g, allowed in calls if m1 > m0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -391,12 +387,12 @@ def _stacked(x, stack: _Stack, span: _Span, plan: _Plan):
     return out
 
 
-def _unstack_(x, x_stacked, stack: _Stack, span: _Span, plan: _Plan, add: bool = False):
-    """Inverse of ``_stacked``: write (or add) each unit's rows back into x [b, kv_heads, nq, group*bs, ...]."""
+def _unstacked(x, x_stacked, stack: _Stack, span: _Span, plan: _Plan):
+    """The reverse of ``_stacked``: for each unit in the span, (its rows in x [b, kv_heads, nq,
+    group*bs, ...], the same rows in x_stacked), both [b, blocks, n, bs, ...] views."""
     for u, lo, hi, at in _span_blocks(stack, span, plan.nq):
         dst = _head_rows(x, stack, u, plan)[:, lo:hi]
-        src = x_stacked[:, u, at:at + hi - lo].view(dst.shape)
-        dst.add_(src) if add else dst.copy_(src)
+        yield dst, x_stacked[:, u, at:at + hi - lo].view(dst.shape)
 
 
 def _head_rows(x, stack: _Stack, u: int, plan: _Plan):
@@ -446,10 +442,9 @@ def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
                                _additive(run.keys_ok, q.dtype), scale)
                 _run_rows(s_out, span, run, 1).copy_(o)
                 _run_rows(s_lse, span, run, 1).copy_(l)
-            for u, lo, hi, at in _span_blocks(stack, span, plan.nq):
-                rows = (_head_rows(x, stack, u, plan)[:, lo:hi] for x in (out, lse))
-                _merge_(*rows, *(x[:, u, at:at + hi - lo].view(x.shape[0], hi - lo, -1, plan.block, *x.shape[4:])
-                                 for x in (s_out, s_lse)))
+            for (o, s_o), (l, s_l) in zip(_unstacked(out, s_out, stack, span, plan),
+                                          _unstacked(lse, s_lse, stack, span, plan)):
+                _merge_(o, l, s_o, s_l)
     return out, lse
 
 
@@ -498,7 +493,8 @@ def _attention_rows_backward(plan: _Plan, do, q, k_pad, v_pad, out, lse, scale):
                 _run_rows(s_dq, span, run, p).copy_(dq_r)
                 dk_cols[:, :, :n] += dk_r if p == 1 else dk_r.sum(0, keepdim=True)
                 dv_cols[:, :, :n] += dv_r if p == 1 else dv_r.sum(0, keepdim=True)
-            _unstack_(dq, s_dq, stack, span, plan, add=True)
+            for dst, src in _unstacked(dq, s_dq, stack, span, plan):
+                dst.add_(src)
         for u, (g, count) in enumerate(zip(stack.kv_heads, stack.col_counts)):
             for grad, cols in ((dk, dk_cols), (dv, dv_cols)):
                 grad[:, g].unflatten(1, (-1, bs)).index_add_(1, stack.col_blocks[u, :count],

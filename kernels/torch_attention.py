@@ -64,9 +64,10 @@ def _attend(q, k, v, mask, scale: float):
         return _matmul_attend(q, k, v, mask, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-    if mask is not None:                          # the fused kernel reports lse 0 for such rows
-        unseen = torch.isneginf(mask).all(-1)
-        out, lse = out.masked_fill(unseen.unsqueeze(-1), 0.0), lse.masked_fill(unseen, _NEG_INF)
+    unseen = None if mask is None else torch.isneginf(mask).all(-1)
+    if unseen is not None and bool(unseen.any()):     # the fused kernel reports lse 0 for such rows
+        out.masked_fill_(unseen.unsqueeze(-1), 0.0)
+        lse.masked_fill_(unseen, _NEG_INF)
     return out, lse
 
 
@@ -227,18 +228,23 @@ class _Plan:
                        for (dense, _), units in by_kind.items()]
 
     def _stack(self, units, period: int, key_valid: torch.Tensor, device) -> _Stack:
-        """Line up the units' column steps (see ``_Stack``) and cut the stack into runs."""
-        offsets = []
-        for _, _, _, seen in units:
+        """Line up the units' column counts (see ``_Stack``) and cut the stack into runs."""
+        # From its first step s (to count c), a unit's count steps once per period. Placed at
+        # offsets with o + s - period * c the same multiple of period for every unit, the units step
+        # at the same stack blocks to the same counts: a run's call needs no mask.
+        phases = {}
+        for u, (_, _, _, seen) in enumerate(units):
             steps = torch.nonzero(seen[1:] != seen[:-1]).flatten() + 1
-            offsets.append(-int(steps[0]) % period if len(steps) else 0)
+            if len(steps):
+                phases[u] = int(steps[0]) - period * int(seen[steps[0]])
+        top = -(-max(phases.values(), default=0) // period) * period
+        offsets = [top - phases[u] if u in phases else 0 for u in range(len(units))]
         blocks = -(-(self.nq + max(offsets)) // period) * period
-        per_block = torch.zeros(blocks, len(units), dtype=torch.long)     # columns seen, 0 off the unit
-        valid = torch.zeros(blocks, len(units), dtype=torch.bool)
+        per_block = torch.full((blocks, len(units)), -1, dtype=torch.long)   # columns seen, -1 off the unit
         for u, (o, (_, _, _, seen)) in enumerate(zip(offsets, units)):
-            per_block[o:o + self.nq, u], valid[o:o + self.nq, u] = seen, True
+            per_block[o:o + self.nq, u] = seen
         per_period = per_block.view(-1, period, len(units)).amax(1)
-        constant = torch.where(valid, per_block == per_period.repeat_interleave(period, 0), True)
+        constant = (per_block < 0) | (per_block == per_period.repeat_interleave(period, 0))
         assert bool(constant.all()), "a unit's strided columns change inside a period"
         counts = [len(cols) for _, _, cols, _ in units]
         col_blocks = torch.zeros(len(units), max(1, max(counts)), dtype=torch.long)
@@ -248,7 +254,8 @@ class _Plan:
         seen_runs, lengths = torch.unique_consecutive(per_period, dim=0, return_counts=True)
         for seen, n in zip(seen_runs, lengths.tolist()):
             k1, cols = k0 + n * period, int(seen.max())
-            if cols > 0:
+            if cols > 0:                               # a unit off its rows may see any columns
+                seen = torch.where(seen < 0, cols, seen)
                 ok = (torch.arange(cols).view(1, -1) < seen.view(-1, 1)).unsqueeze(-1) & key_valid[col_blocks[:, :cols]]
                 keys_ok = None if bool(ok.all()) else ok.view(1, len(units), 1, -1).to(device)
                 runs.append(_Run(k0, k1, cols, keys_ok))
@@ -308,24 +315,40 @@ def _plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, heads, device) ->
 
 def _block_rows(x_bshd, plan: _Plan, dtype):
     """[b, s, H, ...] -> [b, kv_heads, nq, group*bs, ...]: each kv head's query rows by block, the
-    group's heads one after another within a block (zero-padded to whole blocks)."""
+    group's heads one after another within a block (zero-padded to whole blocks). Stored token
+    major ([b, nq, group*bs, kv_heads, ...] in memory, the order of the fused kernel's outputs), so
+    that with one head per kv head it is a view of a contiguous x of whole blocks."""
     b, s, H = x_bshd.shape[:3]
     nq, bs, group, rest = plan.nq, plan.block, plan.group, x_bshd.shape[3:]
-    out = x_bshd.new_empty(b, H // group, nq, group, bs, *rest, dtype=dtype)
-    by_token = out.movedim((2, 4), (1, 2))                       # [b, nq, bs, kv_heads, group, ...]
-    x = x_bshd.unflatten(2, (H // group, group))
-    whole = s // bs
-    by_token[:, :whole] = x[:, :whole * bs].unflatten(1, (whole, bs))
-    if whole < nq:                                        # the partial last block
-        by_token[:, whole, :s - whole * bs] = x[:, whole * bs:]
-        by_token[:, whole, s - whole * bs:] = 0
-    return out.flatten(3, 4)
+    if group == 1 and s == nq * bs and x_bshd.dtype == dtype and x_bshd.is_contiguous():
+        out = x_bshd.view(b, nq, 1, bs, H, *rest)
+    else:
+        out = x_bshd.new_empty(b, nq, group, bs, H // group, *rest, dtype=dtype)
+        by_token = out.movedim(2, 4)                             # [b, nq, bs, kv_heads, group, ...]
+        x = x_bshd.unflatten(2, (H // group, group))
+        whole = s // bs
+        by_token[:, :whole] = x[:, :whole * bs].unflatten(1, (whole, bs))
+        if whole < nq:                                        # the partial last block
+            by_token[:, whole, :s - whole * bs] = x[:, whole * bs:]
+            by_token[:, whole, s - whole * bs:] = 0
+    return out.movedim(4, 1).flatten(3, 4)
 
 
-def _from_block_rows(x, s: int, plan: _Plan):
-    """Inverse of _block_rows: [b, kv_heads, nq, group*bs, ...] -> [b, s, H, ...], a new tensor
-    (not a view: outputs of the autograd function must be the caller's to change in place)."""
+def _new_rows(q):
+    """An empty [b, kv_heads, nq, rows] like q's rows without their features, stored like
+    ``_block_rows`` (token major)."""
+    b, kv_heads, nq, rows = q.shape[:4]
+    return q.new_empty(b, nq, rows, kv_heads).movedim(3, 1)
+
+
+def _from_block_rows(x, s: int, plan: _Plan, copy: bool = True):
+    """Inverse of _block_rows: [b, kv_heads, nq, group*bs, ...] -> [b, s, H, ...]. With ``copy``, a
+    new tensor (an output of the autograd function that is also saved must be the caller's to
+    change in place); without, a view of x where its storage allows."""
     b, kv_heads, nq, bs = x.shape[0], x.shape[1], plan.nq, plan.block
+    if plan.group == 1 and s == nq * bs:
+        out = x.movedim(1, 3).reshape(b, s, kv_heads, *x.shape[4:])
+        return out.clone() if copy else out
     out = x.new_empty(b, s, kv_heads * plan.group, *x.shape[4:])
     by_token = x.unflatten(3, (plan.group, bs)).movedim((1, 3), (3, 4))   # [b, nq, bs, kv, group, ...]
     dst = out.unflatten(2, (kv_heads, plan.group))
@@ -337,12 +360,15 @@ def _from_block_rows(x, s: int, plan: _Plan):
 
 
 def _padded_keys(t_bshd, plan: _Plan, dtype):
-    """[b, s, kv_heads, d] -> [b, kv_heads, padded blocks * bs, d] with zero padding."""
+    """[b, s, kv_heads, d] -> [b, kv_heads, padded blocks * bs, d] with zero padding, stored token
+    major ([b, tokens, kv_heads, d] in memory, like the fused kernel's dK/dV)."""
     b, s, kv_heads, d = t_bshd.shape
-    out = t_bshd.new_zeros(b, kv_heads, plan.num_blocks_padded * plan.block, d, dtype=dtype)
+    out = t_bshd.new_empty(b, plan.num_blocks_padded * plan.block, kv_heads, d, dtype=dtype)
     start = plan.pad_front * plan.block
-    out[:, :, start:start + s] = t_bshd.transpose(1, 2)
-    return out
+    out[:, :start] = 0
+    out[:, start:start + s] = t_bshd
+    out[:, start + s:] = 0
+    return out.transpose(1, 2)
 
 
 def _band_rows(x, call: _BandCall, m0: int, m1: int):
@@ -354,10 +380,11 @@ def _band_rows(x, call: _BandCall, m0: int, m1: int):
 def _windows(t_td, plan: _Plan, call: _BandCall, m0: int, m1: int):
     """[kv_heads, T, d] padded keys of one sequence -> [entries, kv_heads, (G+W-1)*bs, d]: the
     key windows of the entries of query blocks m0..m1, a view (no copy)."""
-    kv_heads, T, d = t_td.shape
-    bs, G = plan.block, call.superblock
-    return t_td.as_strided(((m1 - m0) // G, kv_heads, (G + plan.window - 1) * bs, d), (G * bs * d, T * d, d, 1),
-                           t_td.storage_offset() + (plan.first_window_block + m0) * bs * d)
+    kv_heads, _, d = t_td.shape
+    bs, G, (head_stride, token_stride, _) = plan.block, call.superblock, t_td.stride()
+    return t_td.as_strided(((m1 - m0) // G, kv_heads, (G + plan.window - 1) * bs, d),
+                           (G * bs * token_stride, head_stride, token_stride, 1),
+                           t_td.storage_offset() + (plan.first_window_block + m0) * bs * token_stride)
 
 
 def _count(heads: slice) -> int:
@@ -424,7 +451,7 @@ def _parts(stack: _Stack, run: _Run, batch: int, rows: int) -> int:
 def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
     """Forward on block rows: q [b, kv_heads, nq, group*bs, d] -> (out like q, lse like q without
     d): the band first, then each strided span merged into it."""
-    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    out, lse = torch.empty_like(q), _new_rows(q)
     for bi, call in itertools.product(range(q.shape[0]), plan.band_calls):
         m0, m1 = call.m0, call.m1
         o, l = _attend(_band_rows(q[bi], call, m0, m1), _windows(k_pad[bi], plan, call, m0, m1),
@@ -519,7 +546,7 @@ class _S2TorchFunction(torch.autograd.Function):
         out_rows, lse_rows = _attention_rows(plan, q_rows, k_pad, v_pad, scale)
         ctx.save_for_backward(q_rows, k_pad, v_pad, out_rows, lse_rows)
         ctx.plan, ctx.scale, ctx.shapes = plan, scale, (q.shape, q.dtype, k.shape, k.dtype)
-        lse = _from_block_rows(lse_rows, s_q, plan).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        lse = _from_block_rows(lse_rows, s_q, plan, copy=False).transpose(1, 2).clone(memory_format=torch.contiguous_format)
         return _from_block_rows(out_rows, s_q, plan).to(q.dtype), lse
 
     @staticmethod
@@ -537,7 +564,7 @@ class _S2TorchFunction(torch.autograd.Function):
         dq, dk, dv = _attention_rows_backward(plan, do_rows, q_rows, k_pad, v_pad, out_rows, lse_rows, scale)
         keys = slice(plan.pad_front * plan.block, plan.pad_front * plan.block + k_shape[1])
         dk, dv = (t[:, :, keys, :d].transpose(1, 2).to(k_dtype) for t in (dk, dv))
-        return _from_block_rows(dq[..., :d], s_q, plan).to(q_dtype), dk, dv, None, None, None, None, None
+        return _from_block_rows(dq[..., :d], s_q, plan, copy=False).to(q_dtype), dk, dv, None, None, None, None, None
 
 
 def torch_attention(q, k, v, layout: S2Layout, softmax_scale: float, head_offset: int, q_offset: int,

@@ -172,8 +172,9 @@ class _Stack:
     kv head's group under "kv" sharding, the heads with one residue under "query" sharding, a dense
     kv head's heads); a stack holds the units with one head count and one period (``vert_stride``,
     1 for dense heads). A unit's strided column count steps once per period; placing its query
-    block 0 ``offsets[u]`` blocks into the stack lines its steps up with every other unit's, so
-    each run of stack blocks is one kernel call for all units (the units as the call's heads)."""
+    block 0 ``offsets[u]`` blocks into the stack makes its count step at the same stack blocks, to
+    the same values, as every other unit's, so each run of stack blocks is one unmasked kernel call
+    for all units (the units as the call's heads)."""
 
     kv_heads: tuple
     """Local kv head of each unit."""

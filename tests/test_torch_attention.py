@@ -35,6 +35,21 @@ def test_band_superblocks_match_reference(case):
     assert_matches_reference("torch", case, torch.float32, 2e-5, 1e-4)
 
 
+@pytest.mark.parametrize("layout, q_offset", [
+    (S2Layout(8, 8, 64, 8, 8), 0),                                        # the benchmark's pattern
+    (S2Layout(8, 2, 64, 4, 4, head_sharding="query"), 0),                  # residues within a kv head
+    (S2Layout(4, 4, 32, 2, 3, num_dense_heads=1), 32 * 37),               # a dense stack, a late chunk
+], ids=["mha", "gqa_query", "dense_late"])
+def test_strided_calls_need_no_mask_on_whole_blocks(layout, q_offset):
+    """A stack's units step to the same column counts at the same stack blocks, so that with whole
+    blocks of keys no strided call carries a mask (one costs the fused kernel about 10%)."""
+    from s2attn.torch_attention import _plan
+    s = 40 * layout.block_size
+    plan = _plan(layout, s, s + q_offset, q_offset, 0, 0, layout.num_heads, torch.device("cpu"))
+    runs = [run for stack in plan.stacks for span in stack.spans for run in span.runs]
+    assert runs and all(run.keys_ok is None for run in runs)
+
+
 @pytest.mark.parametrize("case", CASES + SUPERBLOCK_CASES, ids=lambda c: c.name)
 def test_torch_backend_split_into_the_smallest_pieces_matches_reference(case, monkeypatch):
     """Budgets of one block: every band backward call and every stacked span holds one block's or

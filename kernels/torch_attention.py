@@ -10,7 +10,8 @@ calls of a fused dense attention kernel over the pattern's structure, never O(s^
   group is folded into the rows of a query block (K/V are never expanded), and where a block has
   few rows, G blocks share an entry and the union of their windows (``_Plan._band_calls``). The
   first and last blocks, whose windows reach padding (before the first key or past the last),
-  take one call each side, with a mask per block;
+  take one call each side, with a mask per block, on a zero-padded copy of the few key blocks they
+  read;
 * the strided blocks of a head are a fixed column subset (the blocks with the head's residue mod
   ``vert_stride``; every block for a dense head), gathered once per call. Query block i sees those
   with j <= i - L (older than its window), so the count it sees steps once per ``vert_stride``
@@ -184,7 +185,7 @@ class _Stack:
     """Stack block of each unit's query block 0."""
     col_blocks: torch.Tensor
     """long [units, c]: each unit's strided key blocks (every key block for dense heads) as
-    indices into the padded keys, in order; padded past a unit's ``col_counts`` (never seen)."""
+    indices into the key blocks, in order; padded past a unit's ``col_counts`` (never seen)."""
     col_counts: tuple
     """Strided key blocks of each unit."""
     spans: tuple
@@ -202,13 +203,13 @@ class _Plan:
         qb0, kb0 = q_offset // bs, kv_offset // bs
         # Window slots that can hold a key (fewer than L when the keys start late).
         self.window = max(1, min(L, qb0 + self.nq - kb0))
-        first = qb0 - kb0 - self.window + 1           # key block of query block 0's first slot
-        self.pad_front = max(0, -first)               # zero blocks so every window is in range
-        self.num_blocks_padded = self.pad_front + max(nk, first + self.nq + self.window - 1)
-        self.first_window_block = first + self.pad_front
-        k_tok = torch.arange(self.num_blocks_padded * bs) - self.pad_front * bs
+        self.key_blocks = nk
+        self.first_key_block = qb0 - kb0 - self.window + 1      # key block of query block 0's first slot
+        # Blocks before the first key and past the last, so that every window's slots index blocks.
+        pad_front = max(0, -self.first_key_block)
+        k_tok = torch.arange((pad_front + max(nk, self.first_key_block + self.nq + self.window - 1)) * bs) - pad_front * bs
         key_valid = ((k_tok >= 0) & (k_tok < s_kv)).view(-1, bs)          # [padded blocks, bs]
-        self.band_calls = self._band_calls(key_valid, device)
+        self.band_calls = self._band_calls(key_valid[pad_front + self.first_key_block:], device)
         q_block_abs = torch.arange(qb0, qb0 + self.nq)
         by_kind = {}                   # (dense, heads) -> [(kv head, heads, columns, columns seen)]
         for h0 in range(0, heads, layout.group_size):      # the query heads of each local kv head
@@ -224,8 +225,8 @@ class _Plan:
                 assert members == list(range(members[0], members[-1] + 1, step)), members
                 seen = torch.searchsorted(j_abs, q_block_abs - L, right=True)   # columns j <= i - L
                 by_kind.setdefault((residue is None, len(members)), []).append(
-                    (h0 // layout.group_size, slice(members[0], members[-1] + 1, step), j_abs - kb0 + self.pad_front, seen))
-        self.stacks = [self._stack(units, 1 if dense else layout.vert_stride, key_valid, device)
+                    (h0 // layout.group_size, slice(members[0], members[-1] + 1, step), j_abs - kb0, seen))
+        self.stacks = [self._stack(units, 1 if dense else layout.vert_stride, key_valid[pad_front:pad_front + nk], device)
                        for (dense, _), units in by_kind.items()]
 
     def _stack(self, units, period: int, key_valid: torch.Tensor, device) -> _Stack:
@@ -286,7 +287,8 @@ class _Plan:
     def _band_calls(self, key_valid: torch.Tensor, device) -> list:
         """The band's calls. The inner query blocks, whose windows hold only keys, share one mask
         broadcast over their entries; the blocks whose windows reach padding (a prefix and a
-        suffix) take masks of their own.
+        suffix) take masks of their own. ``key_valid``: bool [blocks from query block 0's first slot,
+        bs], the slots that hold a key.
 
         Superblocks: ATen's CPU kernel tiles an entry's queries by 32 rows below 192 rows and by 64
         from there. With 64 rows per block (MHA, bs = 64, W = 8), 3 blocks to an entry computed
@@ -294,7 +296,7 @@ class _Plan:
         back 10 window blocks per 3 query blocks instead of 8 per block. G is the smallest count
         that reaches 192 rows, kept when it adds at most 25% pairs."""
         bs, W, nq = self.block, self.window, self.nq
-        slots = self.first_window_block + torch.arange(nq).view(-1, 1) + torch.arange(W)
+        slots = torch.arange(nq).view(-1, 1) + torch.arange(W)
         keys_ok = key_valid[slots].view(nq, 1, 1, W * bs)
         inner = keys_ok.view(nq, -1).all(-1).tolist()
         lo = next((m for m in range(nq) if inner[m]), nq)
@@ -360,16 +362,24 @@ def _from_block_rows(x, s: int, plan: _Plan, copy: bool = True):
     return out
 
 
-def _padded_keys(t_bshd, plan: _Plan, dtype):
-    """[b, s, kv_heads, d] -> [b, kv_heads, padded blocks * bs, d] with zero padding, stored token
-    major ([b, tokens, kv_heads, d] in memory, like the fused kernel's dK/dV)."""
+def _keys(t_bshd, plan: _Plan, dtype):
+    """[b, s_kv, kv_heads, d] -> [b, kv_heads, whole blocks * bs, d], stored token major ([b, tokens,
+    kv_heads, d] in memory, like the fused kernel's dK/dV): a view of t when it holds whole blocks
+    of ``dtype`` with a contiguous last dim, else a copy zero-padded at the end."""
     b, s, kv_heads, d = t_bshd.shape
-    out = t_bshd.new_empty(b, plan.num_blocks_padded * plan.block, kv_heads, d, dtype=dtype)
-    start = plan.pad_front * plan.block
-    out[:, :start] = 0
-    out[:, start:start + s] = t_bshd
-    out[:, start + s:] = 0
+    tokens = plan.key_blocks * plan.block
+    if s == tokens and t_bshd.dtype == dtype and t_bshd.stride(-1) == 1:
+        return t_bshd.transpose(1, 2)
+    out = t_bshd.new_empty(b, tokens, kv_heads, d, dtype=dtype)
+    out[:, :s] = t_bshd
+    out[:, s:] = 0
     return out.transpose(1, 2)
+
+
+def _new_keys(like, tokens: int):
+    """Zeros [b, kv_heads, tokens, d] like the keys, stored token major."""
+    b, kv_heads, _, d = like.shape
+    return like.new_zeros(b, tokens, kv_heads, d).transpose(1, 2)
 
 
 def _band_rows(x, call: _BandCall, m0: int, m1: int):
@@ -378,14 +388,30 @@ def _band_rows(x, call: _BandCall, m0: int, m1: int):
     return x[:, m0:m1].unflatten(1, (-1, call.superblock)).flatten(2, 3).transpose(0, 1)
 
 
-def _windows(t_td, plan: _Plan, call: _BandCall, m0: int, m1: int):
-    """[kv_heads, T, d] padded keys of one sequence -> [entries, kv_heads, (G+W-1)*bs, d]: the
-    key windows of the entries of query blocks m0..m1, a view (no copy)."""
-    kv_heads, _, d = t_td.shape
-    bs, G, (head_stride, token_stride, _) = plan.block, call.superblock, t_td.stride()
-    return t_td.as_strided(((m1 - m0) // G, kv_heads, (G + plan.window - 1) * bs, d),
+def _window_keys(t_td, plan: _Plan, m0: int, m1: int):
+    """The key blocks that the band windows of query blocks m0..m1 read, from t_td [kv_heads, T, d]
+    (one sequence's whole key blocks): (keys, the block of m0's window in them, None) where every
+    window lies in t_td (keys = t_td); else (a zero-padded token-major copy of the blocks the
+    windows cover, 0, (tokens in t_td, the same tokens in the copy)), for the query blocks whose
+    windows reach before the first key or past the last."""
+    lo, hi = plan.first_key_block + m0, plan.first_key_block + m1 + plan.window - 1
+    if lo >= 0 and hi <= plan.key_blocks:
+        return t_td, lo, None
+    bs, (a, z) = plan.block, (max(lo, 0), min(hi, plan.key_blocks))
+    keys = _new_keys(t_td.unsqueeze(0), (hi - lo) * bs)[0]
+    overlap = (slice(a * bs, z * bs), slice((a - lo) * bs, (z - lo) * bs)) if z > a else (slice(0), slice(0))
+    keys[:, overlap[1]] = t_td[:, overlap[0]]
+    return keys, 0, overlap
+
+
+def _windows(keys, start: int, plan: _Plan, call: _BandCall, entries: int):
+    """[kv_heads, T, d] keys -> [entries, kv_heads, (G+W-1)*bs, d]: the key windows of ``entries``
+    band entries, the first starting at block ``start``, each G blocks after the last; a view."""
+    kv_heads, _, d = keys.shape
+    bs, G, (head_stride, token_stride, _) = plan.block, call.superblock, keys.stride()
+    return keys.as_strided((entries, kv_heads, (G + plan.window - 1) * bs, d),
                            (G * bs * token_stride, head_stride, token_stride, 1),
-                           t_td.storage_offset() + (plan.first_window_block + m0) * bs * token_stride)
+                           keys.storage_offset() + start * bs * token_stride)
 
 
 def _count(heads: slice) -> int:
@@ -429,7 +455,7 @@ def _head_rows(x, stack: _Stack, u: int, plan: _Plan):
 
 
 def _stacked_columns(t, stack: _Stack, plan: _Plan):
-    """[b, kv_heads, T, d] padded keys -> [b, units, c*bs, d]: each unit's strided key blocks."""
+    """[b, kv_heads, T, d] whole key blocks -> [b, units, c*bs, d]: each unit's strided key blocks."""
     kv = torch.tensor(stack.kv_heads, device=t.device).view(-1, 1)
     return t.unflatten(2, (-1, plan.block))[:, kv, stack.col_blocks].flatten(2, 3)
 
@@ -449,18 +475,21 @@ def _parts(stack: _Stack, run: _Run, batch: int, rows: int) -> int:
     return 1 if batch > 1 else math.gcd((run.k1 - run.k0) * rows, -(-torch.get_num_threads() // len(stack.heads)))
 
 
-def _attention_rows(plan: _Plan, q, k_pad, v_pad, scale):
-    """Forward on block rows: q [b, kv_heads, nq, group*bs, d] -> (out like q, lse like q without
-    d): the band first, then each strided span merged into it."""
+def _attention_rows(plan: _Plan, q, k, v, scale):
+    """Forward on block rows: q [b, kv_heads, nq, group*bs, d], k/v [b, kv_heads, whole key blocks *
+    bs, d] -> (out like q, lse like q without d): the band first, then each strided span merged
+    into it."""
     out, lse = torch.empty_like(q), _new_rows(q)
     for bi, call in itertools.product(range(q.shape[0]), plan.band_calls):
         m0, m1 = call.m0, call.m1
-        o, l = _attend(_band_rows(q[bi], call, m0, m1), _windows(k_pad[bi], plan, call, m0, m1),
-                       _windows(v_pad[bi], plan, call, m0, m1), _additive(call.allowed, q.dtype), scale)
+        (k_w, start, _), (v_w, _, _) = (_window_keys(t[bi], plan, m0, m1) for t in (k, v))
+        entries = (m1 - m0) // call.superblock
+        o, l = _attend(_band_rows(q[bi], call, m0, m1), _windows(k_w, start, plan, call, entries),
+                       _windows(v_w, start, plan, call, entries), _additive(call.allowed, q.dtype), scale)
         _band_rows(out[bi], call, m0, m1).copy_(o)
         _band_rows(lse[bi], call, m0, m1).copy_(l)
     for stack in plan.stacks:
-        k_cols, v_cols = _stacked_columns(k_pad, stack, plan), _stacked_columns(v_pad, stack, plan)
+        k_cols, v_cols = _stacked_columns(k, stack, plan), _stacked_columns(v, stack, plan)
         for span in stack.spans:
             sq = _stacked(q, stack, span, plan)
             s_out, s_lse = torch.zeros_like(sq), sq.new_full(sq.shape[:-1], _NEG_INF)
@@ -484,30 +513,34 @@ def _merge_(out_a, lse_a, out_b, lse_b):
     lse_a.copy_(lse)
 
 
-def _attention_rows_backward(plan: _Plan, do, q, k_pad, v_pad, out, lse, scale):
+def _attention_rows_backward(plan: _Plan, do, q, k, v, out, lse, scale):
     """Backward on block rows (shapes as ``_attention_rows``; lse +inf on rows that saw no key):
-    (dq like q, dk and dv like k_pad)."""
-    b, kv_heads, d, bs, W = q.shape[0], k_pad.shape[1], q.shape[-1], plan.block, plan.window
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k_pad), torch.zeros_like(v_pad)
+    (dq like q, dk and dv like k, token major)."""
+    b, kv_heads, d, bs, W = q.shape[0], k.shape[1], q.shape[-1], plan.block, plan.window
+    dq, dk, dv = torch.empty_like(q), _new_keys(k, k.shape[2]), _new_keys(v, v.shape[2])
     for bi, call in itertools.product(range(b), plan.band_calls):
         G, mask = call.superblock, _additive(call.allowed, q.dtype)
         # The band's dK/dV come per window (G+W-1 blocks per entry): small calls keep them in cache.
         step = G * max(1, _BAND_GRAD_ELEMENTS // (kv_heads * (G + W - 1) * bs * d))
         for m0 in range(call.m0, call.m1, step):
-            m1 = min(call.m1, m0 + step)
-            rows = lambda x: _band_rows(x[bi], call, m0, m1)
+            m1, rows = min(call.m1, m0 + step), lambda x: _band_rows(x[bi], call, m0, m1)
+            (k_w, start, overlap), (v_w, _, _) = (_window_keys(t[bi], plan, m0, m1) for t in (k, v))
+            entries = (m1 - m0) // G
             dq_c, dk_c, dv_c = _attend_backward(
-                rows(do), rows(q), _windows(k_pad[bi], plan, call, m0, m1), _windows(v_pad[bi], plan, call, m0, m1),
+                rows(do), rows(q), _windows(k_w, start, plan, call, entries), _windows(v_w, start, plan, call, entries),
                 rows(out), rows(lse), mask if mask.shape[0] == 1 else mask[m0 - call.m0:m1 - call.m0], scale)
             rows(dq).copy_(dq_c)
-            # Fold the overlapping windows back onto their key blocks: one strided add per slot.
-            start, entries = plan.first_window_block + m0, (m1 - m0) // G
+            # Fold the overlapping windows back onto their key blocks: one strided add per slot
+            # (onto a padded copy's blocks first when the windows reach past the keys).
             for grad, window_grad in ((dk[bi], dk_c), (dv[bi], dv_c)):
-                blocks, slots = grad.unflatten(1, (-1, bs)), window_grad.unflatten(2, (-1, bs))
+                target = grad if overlap is None else torch.zeros_like(k_w)
+                blocks, slots = target.unflatten(1, (-1, bs)), window_grad.unflatten(2, (-1, bs))
                 for j in range(G + W - 1):
                     blocks[:, start + j:start + j + entries * G:G] += slots[:, :, j].transpose(0, 1)
+                if overlap is not None:
+                    grad[:, overlap[0]] += target[:, overlap[1]]
     for stack in plan.stacks:
-        k_cols, v_cols = _stacked_columns(k_pad, stack, plan), _stacked_columns(v_pad, stack, plan)
+        k_cols, v_cols = _stacked_columns(k, stack, plan), _stacked_columns(v, stack, plan)
         dk_cols, dv_cols = torch.zeros_like(k_cols), torch.zeros_like(v_cols)
         for span in stack.spans:
             s_do, sq, s_out, s_lse = (_stacked(x, stack, span, plan) for x in (do, q, out, lse))
@@ -543,9 +576,9 @@ class _S2TorchFunction(torch.autograd.Function):
         b, s_q, heads, d = q.shape
         plan = _plan(layout, s_q, k.shape[1], q_offset, kv_offset, head_offset, heads, q.device)
         q_rows = _block_rows(q, plan, dtype)
-        k_pad, v_pad = _padded_keys(k, plan, dtype), _padded_keys(v, plan, dtype)
-        out_rows, lse_rows = _attention_rows(plan, q_rows, k_pad, v_pad, scale)
-        ctx.save_for_backward(q_rows, k_pad, v_pad, out_rows, lse_rows)
+        k_blocks, v_blocks = _keys(k, plan, dtype), _keys(v, plan, dtype)
+        out_rows, lse_rows = _attention_rows(plan, q_rows, k_blocks, v_blocks, scale)
+        ctx.save_for_backward(q_rows, k_blocks, v_blocks, out_rows, lse_rows)
         ctx.plan, ctx.scale, ctx.shapes = plan, scale, (q.shape, q.dtype, k.shape, k.dtype)
         lse = _from_block_rows(lse_rows, s_q, plan, copy=False).transpose(1, 2).clone(memory_format=torch.contiguous_format)
         return _from_block_rows(out_rows, s_q, plan).to(q.dtype), lse
@@ -553,18 +586,17 @@ class _S2TorchFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_lse):
-        q_rows, k_pad, v_pad, out_rows, lse_rows = ctx.saved_tensors
+        q_rows, k_blocks, v_blocks, out_rows, lse_rows = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         (_, s_q, _, d), q_dtype, k_shape, k_dtype = ctx.shapes
         do_rows = _block_rows(d_out, plan, q_rows.dtype)
         lse_rows = torch.where(torch.isneginf(lse_rows), float("inf"), lse_rows)     # rows with no key: P = 0
         dlse_rows = _block_rows(d_lse.transpose(1, 2), plan, q_rows.dtype)
         if bool(dlse_rows.any()):                  # Delta - dlse, through one extra feature
-            q_rows, k_pad, v_pad = (_with_feature(x, 0.0) for x in (q_rows, k_pad, v_pad))
+            q_rows, k_blocks, v_blocks = (_with_feature(x, 0.0) for x in (q_rows, k_blocks, v_blocks))
             out_rows, do_rows = _with_feature(out_rows, -dlse_rows), _with_feature(do_rows, 1.0)
-        dq, dk, dv = _attention_rows_backward(plan, do_rows, q_rows, k_pad, v_pad, out_rows, lse_rows, scale)
-        keys = slice(plan.pad_front * plan.block, plan.pad_front * plan.block + k_shape[1])
-        dk, dv = (t[:, :, keys, :d].transpose(1, 2).to(k_dtype) for t in (dk, dv))
+        dq, dk, dv = _attention_rows_backward(plan, do_rows, q_rows, k_blocks, v_blocks, out_rows, lse_rows, scale)
+        dk, dv = (t[:, :, :k_shape[1], :d].transpose(1, 2).to(k_dtype) for t in (dk, dv))
         return _from_block_rows(dq[..., :d], s_q, plan, copy=False).to(q_dtype), dk, dv, None, None, None, None, None
 
 

@@ -64,6 +64,19 @@ def test_torch_backend_split_into_the_smallest_pieces_matches_reference(case, mo
         torch_attention._plan.cache_clear()
 
 
+FUSED_CASES = [c for c in CASES + SUPERBLOCK_CASES if c.s_q == c.s_kv and c.q_offset == c.kv_offset]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.name)
+def test_torch_backend_reads_views_of_a_fused_projection(case):
+    """q, k and v as head slices of one [b, s, h + 2 kv, d] tensor (as a fused QKV projection gives
+    them: every token's heads side by side), read in place where they hold whole blocks."""
+    gen = torch.Generator().manual_seed(0)
+    fused = torch.randn(case.batch, case.s_q, case.heads + 2 * case.kv_heads, case.head_dim, generator=gen)
+    q, k, v = fused.split([case.heads, case.kv_heads, case.kv_heads], dim=2)
+    assert_matches_reference("torch", case, torch.float32, 2e-5, 1e-4, inputs=(q, k, v))
+
+
 @pytest.mark.parametrize("budget", [1 << 26, 700, 1], ids=["whole", "pieces", "rows"])
 def test_matmul_fallback_matches_the_fused_cpu_kernel(budget, monkeypatch):
     """Off the CPU each call runs in matmuls, piece by piece; here both run on the CPU, with an

@@ -414,6 +414,18 @@ def _windows(keys, start: int, plan: _Plan, call: _BandCall, entries: int):
                            keys.storage_offset() + start * bs * token_stride)
 
 
+def _fold_(grad, window_grad, start: int, superblock: int, bs: int):
+    """Add window gradients [entries, kv_heads, (G+W-1)*bs, d] onto grad [kv_heads, T, d] (token
+    major, whole blocks), where entry e's window starts at block start + e*G: the overlapping
+    windows summed back onto their key blocks, in one ``index_add_`` over blocks. Returns grad."""
+    entries, kv_heads, length, d = window_grad.shape
+    index = (start + superblock * torch.arange(entries, device=grad.device)).view(-1, 1) \
+        + torch.arange(length // bs, device=grad.device)
+    grad.transpose(0, 1).view(-1, bs * kv_heads * d).index_add_(
+        0, index.flatten(), window_grad.transpose(1, 2).reshape(-1, bs * kv_heads * d))
+    return grad
+
+
 def _count(heads: slice) -> int:
     return len(range(heads.stop)[heads])
 
@@ -530,15 +542,12 @@ def _attention_rows_backward(plan: _Plan, do, q, k, v, out, lse, scale):
                 rows(do), rows(q), _windows(k_w, start, plan, call, entries), _windows(v_w, start, plan, call, entries),
                 rows(out), rows(lse), mask if mask.shape[0] == 1 else mask[m0 - call.m0:m1 - call.m0], scale)
             rows(dq).copy_(dq_c)
-            # Fold the overlapping windows back onto their key blocks: one strided add per slot
-            # (onto a padded copy's blocks first when the windows reach past the keys).
             for grad, window_grad in ((dk[bi], dk_c), (dv[bi], dv_c)):
-                target = grad if overlap is None else torch.zeros_like(k_w)
-                blocks, slots = target.unflatten(1, (-1, bs)), window_grad.unflatten(2, (-1, bs))
-                for j in range(G + W - 1):
-                    blocks[:, start + j:start + j + entries * G:G] += slots[:, :, j].transpose(0, 1)
-                if overlap is not None:
-                    grad[:, overlap[0]] += target[:, overlap[1]]
+                if overlap is None:
+                    _fold_(grad, window_grad, start, G, bs)
+                else:                      # through the padded copy's blocks
+                    padded = _fold_(torch.zeros_like(k_w), window_grad, start, G, bs)
+                    grad[:, overlap[0]] += padded[:, overlap[1]]
     for stack in plan.stacks:
         k_cols, v_cols = _stacked_columns(k, stack, plan), _stacked_columns(v, stack, plan)
         dk_cols, dv_cols = torch.zeros_like(k_cols), torch.zeros_like(v_cols)

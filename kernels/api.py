@@ -126,6 +126,16 @@ def document_bounds(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seql
     return list(zip(cu_q[:-1], cu_q[1:], cu_kv[:-1], cu_kv[1:]))
 
 
+def split_documents(documents, q, k, v) -> list:
+    """Each document's (q, k, v), [1, tokens, heads, head_dim] views of the packed [total_tokens,
+    heads, head_dim] tensors, for ``documents`` from ``document_bounds``. One ``split`` per tensor:
+    its backward gathers every document's gradient into one tensor, where slicing document by
+    document would build a whole-pack gradient for each."""
+    q_docs = q.split([q1 - q0 for q0, q1, _, _ in documents])
+    k_docs, v_docs = (t.split([k1 - k0 for _, _, k0, k1 in documents]) for t in (k, v))
+    return [(qd[None], kd[None], vd[None]) for qd, kd, vd in zip(q_docs, k_docs, v_docs)]
+
+
 def _attend(q, k, v, layout, softmax_scale, head_offset, q_offset, kv_offset, backend):
     """(out, lse) of validated [b, s, h, d] input: empty input answered here, else the backend."""
     if min(q.shape[0], q.shape[1], k.shape[1]) == 0:
@@ -189,8 +199,8 @@ def s2_attention(q, k, v, layout: S2Layout, softmax_scale: float | None = None, 
         out, lse = triton_packed_attention(q, k, v, layout, softmax_scale, head_offset, cu_seqlens_q, cu_seqlens_kv,
                                            q_lengths, kv_lengths)
         return (out, lse) if return_lse else out
-    parts = [_attend(q[q0:q1][None], k[k0:k1][None], v[k0:k1][None], layout, softmax_scale, head_offset, 0, 0, backend)
-             for q0, q1, k0, k1 in documents]
+    parts = [_attend(*doc, layout, softmax_scale, head_offset, 0, 0, backend)
+             for doc in split_documents(documents, q, k, v)]
     out = torch.cat([o[0] for o, _ in parts])                   # [total_q, heads, head_dim]
     lse = torch.cat([l[0] for _, l in parts], dim=1)            # [heads, total_q]
     return (out, lse) if return_lse else out

@@ -319,8 +319,8 @@ def _plan(layout, s_q, s_kv, q_offset, kv_offset, head_offset, heads, device) ->
 def _block_rows(x_bshd, plan: _Plan, dtype):
     """[b, s, H, ...] -> [b, kv_heads, nq, group*bs, ...]: each kv head's query rows by block, the
     group's heads one after another within a block (zero-padded to whole blocks). Stored token
-    major ([b, nq, group*bs, kv_heads, ...] in memory, the order of the fused kernel's outputs), so
-    that with one head per kv head it is a view of a contiguous x of whole blocks."""
+    major ([b, nq, group*bs, kv_heads, ...] in memory, the order of the fused kernel's lse and
+    gradients), so that with one head per kv head it is a view of a contiguous x of whole blocks."""
     b, s, H = x_bshd.shape[:3]
     nq, bs, group, rest = plan.nq, plan.block, plan.group, x_bshd.shape[3:]
     if group == 1 and s == nq * bs and x_bshd.dtype == dtype and x_bshd.is_contiguous():

@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from s2attn import s2_attention
-from s2attn.api import document_bounds
+from s2attn.api import document_bounds, split_documents
 
 from .config import S2AttentionConfig, check_heads
 from .context_parallel import CPGeometry, check_cp_seq_len, cp_attention
@@ -178,6 +178,5 @@ class DenseCoreAttention(_CausalCoreAttention):
         """One causal SDPA call per document; ``cu_seqlens`` checked (one host sync) by the same
         ``document_bounds`` as the S2 layers'."""
         documents = document_bounds(q_thd, k_thd, v_thd, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0, 0)
-        parts = [self.attend(q_thd[a:b][None], k_thd[a:b][None], v_thd[a:b][None], 0)[0]
-                 for a, b, _, _ in documents]
+        parts = [self.attend(*doc, 0)[0] for doc in split_documents(documents, q_thd, k_thd, v_thd)]
         return torch.cat(parts)

@@ -173,3 +173,23 @@ def test_disk_full_during_save_keeps_last_checkpoint(tmp_path, cache_dir, small_
     assert result["iteration"] == 4
     assert [i for i, _ in complete_checkpoints(str(mount / "checkpoints"))] == [2, 4]
     assert _losses(run_dir) == before_failure   # steps 3 and 4 again, the same losses
+
+
+def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tmp_path, cache_dir, monkeypatch):
+    """torch.distributed.checkpoint catches BaseException on every rank: an interrupt in the middle
+    of a save would become a failed save (exit 1) or be lost. Deferred, the save completes and the
+    run stops as for any Ctrl-C, resumable from the checkpoint just written."""
+    save = ckpt.dist_checkpointing.save
+
+    def interrupted_save(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)       # Ctrl-C half way through the second save
+        return save(*args, **kwargs)
+
+    run_dir = tmp_path / "run"
+    _run(run_dir, cache_dir, "train.iters=1", "checkpoint.interval=1")
+    monkeypatch.setattr(ckpt.dist_checkpointing, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt) as info:
+        _run(run_dir, cache_dir, "train.iters=4", "checkpoint.interval=1")
+    assert "interrupted during iteration 3 of 4" in str(info.value), info.value
+    assert [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))] == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

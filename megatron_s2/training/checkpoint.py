@@ -12,11 +12,14 @@ manager; ``SyncTorchDistSaveStrategy`` writes the same format from the calling t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -91,9 +94,34 @@ def check_compatible(saved: dict, current: dict, path: str) -> None:
                                              "model needs its own run.dir (or checkpoint.dir)")
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C (SIGINT) inside the block takes effect when it ends: torch.distributed.checkpoint
+    catches BaseException on every rank, so an interrupt in the middle of a save would surface as a
+    failed save, or not at all. Only the main thread can set signal handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        signal.raise_signal(signal.SIGINT)          # to the previous handler: KeyboardInterrupt
+
+
 def save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: dict, meta: dict,
                     keep_last: int) -> str:
-    """Save atomically on every rank (collective); keep the newest ``keep_last``. Returns the path."""
+    """Save atomically on every rank (collective); keep the newest ``keep_last``. Returns the path.
+    A Ctrl-C during the save lets it finish, then interrupts (``ctrl_c_deferred``)."""
+    with ctrl_c_deferred():
+        return _save_checkpoint(checkpoint_dir, iteration, sharded_state_dict, meta, keep_last)
+
+
+def _save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: dict, meta: dict,
+                     keep_last: int) -> str:
     final = iter_dir(checkpoint_dir, iteration)
     tmp = os.path.join(checkpoint_dir, "tmp_" + os.path.basename(final))
     rank = dist.get_rank()

@@ -68,11 +68,18 @@ def test_console_lines_and_a_rerun_of_the_finished_run(tmp_path, cache_dir):
     assert _snapshot(run_dir) == before          # no new wandb run, no metrics, nothing
 
 
+def _ctrl_c_as_in_a_terminal():
+    """A job started in the background by a shell without job control ignores SIGINT, and so would
+    the launch under test; give it the default action, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_one_line(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(COMMAND + ["train.iters=100000", "checkpoint.interval=1", f"run.dir={run_dir}",
                                           f"data.cache_dir={cache_dir}"],
-                               env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         for line in iter(process.stdout.readline, ""):     # the first checkpoint, then Ctrl-C
             if line.startswith("saved "):

@@ -188,8 +188,12 @@ def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tmp_path, cache_dir, 
     run_dir = tmp_path / "run"
     _run(run_dir, cache_dir, "train.iters=1", "checkpoint.interval=1")
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", interrupted_save)
-    with pytest.raises(KeyboardInterrupt) as info:
-        _run(run_dir, cache_dir, "train.iters=4", "checkpoint.interval=1")
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            _run(run_dir, cache_dir, "train.iters=4", "checkpoint.interval=1")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert "interrupted during iteration 3 of 4" in str(info.value), info.value
     assert [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))] == [1, 2]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -40,14 +40,27 @@ def test_band_superblocks_match_reference(case):
     (S2Layout(8, 2, 64, 4, 4, head_sharding="query"), 0),                  # residues within a kv head
     (S2Layout(4, 4, 32, 2, 3, num_dense_heads=1), 32 * 37),               # a dense stack, a late chunk
 ], ids=["mha", "gqa_query", "dense_late"])
-def test_strided_calls_need_no_mask_on_whole_blocks(layout, q_offset):
+def test_strided_calls_need_no_mask_and_cover_each_block_once(layout, q_offset):
     """A stack's units step to the same column counts at the same stack blocks, so that with whole
-    blocks of keys no strided call carries a mask (one costs the fused kernel about 10%)."""
+    blocks of keys no strided call carries a mask (one costs the fused kernel about 10%); runs are
+    grouped into longer calls plus calls of the later runs' extra columns, and the calls holding a
+    query block's rows cover the older blocks the layout's block mask gives it, each once."""
     from s2attn.torch_attention import _plan
-    s = 40 * layout.block_size
+    bs, L = layout.block_size, layout.local_blocks
+    s, nq = 40 * bs, 40
     plan = _plan(layout, s, s + q_offset, q_offset, 0, 0, layout.num_heads, torch.device("cpu"))
     runs = [run for stack in plan.stacks for span in stack.spans for run in span.runs]
     assert runs and all(run.keys_ok is None for run in runs)
+    assert any(run.c0 > 0 for run in runs)
+    i = torch.arange(nq).view(-1, 1) + q_offset // bs
+    older = layout.block_mask(nq, nq + q_offset // bs, q_block_offset=q_offset // bs) & (i - torch.arange(nq + q_offset // bs) >= L)
+    for stack in plan.stacks:
+        for kv_head, heads, offset in zip(stack.kv_heads, stack.heads, stack.offsets):
+            for h in range(kv_head * layout.group_size, (kv_head + 1) * layout.group_size)[heads]:
+                for block in range(nq):
+                    calls = sorted((run.c0, run.cols) for span in stack.spans for run in span.runs
+                                   if run.k0 <= block + offset < run.k1)
+                    assert [c for c0, c1 in calls for c in range(c0, c1)] == list(range(int(older[h, block].sum())))
 
 
 @pytest.mark.parametrize("case", CASES + SUPERBLOCK_CASES, ids=lambda c: c.name)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from megatron_s2.training.checkpoint import complete_checkpoints
+from megatron_s2.training.data import ByteTokenizer, default_dataset
 from test_train_loop import PRETRAIN, TINY, _env
 
 COMMAND = [sys.executable, PRETRAIN, *[o for o in TINY if not o.startswith("logging.wandb")]]
@@ -31,7 +32,11 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("s2cache"))
+    """A cache holding the default dataset already (preparing it prints progress on stderr), so that
+    each test sees the same console whichever runs first."""
+    path = str(tmp_path_factory.mktemp("s2cache"))
+    default_dataset(path, ByteTokenizer())
+    return path
 
 
 def _snapshot(directory) -> dict[str, bytes]:

@@ -155,8 +155,8 @@ class _Run:
     k0: int
     k1: int
     c0: int
-    """The first column of the call: 0, or, for the rows of a run grouped under a longer one's
-    columns (``_grouped``), where that call's columns end."""
+    """The first column of the call: 0, or, for a later run of a group (``_grouped``), the first
+    run's column count (the group's call covers the columns before it)."""
     cols: int
     """The columns of the call end here: the most any unit sees."""
     keys_ok: torch.Tensor | None
@@ -270,7 +270,9 @@ class _Plan:
             k0 = k1
         runs = _grouped(runs, _count(units[0][1]) * self.block)
         spans, rows = [], len(units) * _count(units[0][1]) * self.block      # stacked rows per block
-        for run in runs:                 # consecutive runs while their stacked rows stay in budget
+        # Consecutive calls while their stacked rows stay in budget; a group's later calls may open a
+        # span on blocks the last one held (their results merge).
+        for run in runs:
             if spans and (run.k1 - spans[-1][0]) * rows <= _STACK_ROWS:
                 spans[-1][1].append(run)
             else:
@@ -429,7 +431,7 @@ def _fold_(grad, window_grad, start: int, superblock: int, bs: int):
     adds). Returns grad."""
     entries, kv_heads, length, d = window_grad.shape
     G, blocks = superblock, length // bs
-    dst = grad.transpose(0, 1).reshape(-1, bs * kv_heads * d)        # a view: token major
+    dst = grad.transpose(0, 1).view(-1, bs * kv_heads * d)           # token major: raises otherwise
     src = window_grad.transpose(1, 2).reshape(entries, blocks, -1)
     for m in range(0, blocks, G):
         n = min(G, blocks - m)
@@ -450,6 +452,7 @@ def _grouped(runs: list, block_rows: int) -> list:
         if group and (run is None or run.keys_ok is not None or run.k0 != group[-1].k1
                       or (group[-1].k1 - group[0].k0) * block_rows >= _LONG_CALL_ROWS or len(group) == 4):
             first = group[0]
+            assert all(r.cols >= first.cols for r in group), "column counts only grow along a stack"
             calls.append(_Run(first.k0, group[-1].k1, 0, first.cols, None))
             calls += [_Run(r.k0, r.k1, first.cols, r.cols, None) for r in group[1:] if r.cols > first.cols]
             group = []
@@ -555,7 +558,7 @@ def _attention_rows(plan: _Plan, q, k, v, scale):
                 cols = slice(run.c0 * plan.block, run.cols * plan.block)
                 o, l = _attend(_run_rows(sq, span, run, 1), k_cols[:, :, cols], v_cols[:, :, cols],
                                _additive(run.keys_ok, q.dtype), scale)
-                if run.c0 == 0:                       # the rows' first call
+                if run.c0 == 0:           # the rows' first call in this span (later ones merge)
                     _run_rows(s_out, span, run, 1).copy_(o)
                     _run_rows(s_lse, span, run, 1).copy_(l)
                 else:

@@ -268,8 +268,9 @@ class _Plan:
                 keys_ok = None if bool(ok.all()) else ok.view(1, len(units), 1, -1).to(device)
                 runs.append(_Run(k0, k1, 0, cols, keys_ok))
             k0 = k1
-        runs = _grouped(runs, _count(units[0][1]) * self.block)
-        spans, rows = [], len(units) * _count(units[0][1]) * self.block      # stacked rows per block
+        unit_rows = _count(units[0][1]) * self.block                         # a unit's rows per block
+        runs = _grouped(runs, unit_rows)
+        spans, rows = [], len(units) * unit_rows                             # stacked rows per block
         # Consecutive calls while their stacked rows stay in budget; a group's later calls may open a
         # span on blocks the last one held (their results merge).
         for run in runs:
@@ -446,7 +447,8 @@ def _grouped(runs: list, block_rows: int) -> list:
     columns it sees beyond those (calls of a few columns). ATen's CPU kernel tiles a call's queries
     by 32 or 64 rows below 768 rows (per head) and by 256 from there: at 16k (d = 64, runs of 512
     rows in pairs) the strided backward ran about 10% faster, the forward the same. A group takes
-    runs until it holds _LONG_CALL_ROWS rows, at most 4 (``block_rows``: rows of a stack block per unit)."""
+    runs until it holds _LONG_CALL_ROWS rows, at most 4 (``block_rows``: a unit's rows per stack
+    block)."""
     calls, group = [], []
     for run in runs + [None]:
         if group and (run is None or run.keys_ok is not None or run.k0 != group[-1].k1

@@ -52,8 +52,10 @@ def test_strided_calls_need_no_mask_and_cover_each_block_once(layout, q_offset):
     runs = [run for stack in plan.stacks for span in stack.spans for run in span.runs]
     assert runs and all(run.keys_ok is None for run in runs)
     assert any(run.c0 > 0 for run in runs)
-    qb0, nk = q_offset // bs, nq + q_offset // bs
-    older = layout.block_mask(nq, nk, q_block_offset=qb0) & (torch.arange(qb0, qb0 + nq).view(-1, 1) - torch.arange(nk) >= L)
+    qb0 = q_offset // bs
+    nk = nq + qb0
+    distance = torch.arange(qb0, qb0 + nq).view(-1, 1) - torch.arange(nk)        # query block - key block
+    older = layout.block_mask(nq, nk, q_block_offset=qb0) & (distance >= L)
     for stack in plan.stacks:
         for kv_head, heads, offset in zip(stack.kv_heads, stack.heads, stack.offsets):
             for h in range(kv_head * layout.group_size, (kv_head + 1) * layout.group_size)[heads]:

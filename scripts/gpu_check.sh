@@ -16,7 +16,7 @@
 #   scripts/gpu_check.sh [OUT_DIR]  # on the GPU machine, from a copy of the repo with .whl in it
 #
 # Wheels in $WHEELS (default .whl) are installed into a temporary folder, without network, and put
-# on PYTHONPATH with the repository and s2attn (kernels/, under its installed name).
+# on PYTHONPATH with the repository and kernels/ (which holds the s2attn package).
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,14 +52,13 @@ step() {  # step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, time left), log
 
 # -- environment: carried wheels, s2attn, the repository ------------------------------------------
 site=$(mktemp -d)
-ln -s "$root/kernels" "$site/s2attn"
 if compgen -G "$wheels/*.whl" > /dev/null; then
     step wheels 60 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target "$site/packages" "$wheels"/*.whl
 else
     record wheels skipped 0 "no wheels in $wheels (scripts/fetch_gpu_wheels.sh makes them)"
 fi
-export PYTHONPATH="$site:$site/packages:$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$site/packages:$root/kernels:$root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 has_cuda=$("$python" -c "import torch; print(int(torch.cuda.is_available()))" 2> /dev/null || echo 0)

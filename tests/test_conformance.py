@@ -166,6 +166,8 @@ PHI3_CASES = [
     Phi3Case("gqa4", 8, 2),
     Phi3Case("gqa8", 16, 2, local_blocks=1, s_q=144, s_kv=144),
     Phi3Case("gqa4_tp_slice", 32, 8, head_offset=8, heads=8, s_q=128, s_kv=128),   # TP rank 1 of 4
+    # TP rank 1 of 8: its heads 4-7 take other residues than heads 0-3 (offset not a multiple of the stride)
+    Phi3Case("gqa4_tp_slice_off_stride", 32, 8, head_offset=4, heads=4, s_q=128, s_kv=128),
     Phi3Case("gqa8_tp_slice_q_after_kv", 16, 2, head_offset=8, heads=8, s_q=64, s_kv=192, q_offset=128),
 ]
 

@@ -80,6 +80,7 @@ def test_pipeline_buffers_are_the_size_of_a_ranks_hidden_states(tp, cp, sequence
     passes; they must equal the hidden states [s, b, h] of this rank's share of a micro batch."""
     cfg = PretrainConfig()
     cfg.train.seq_length, cfg.train.micro_batch_size = 512, 2
+    cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.sequence_parallel = tp, cp, sequence_parallel
     config = _config(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
     tokens = torch.zeros(cfg.train.micro_batch_size, cfg.train.seq_length)
     local_tokens = split_batch_for_cp({"tokens": tokens}, cp, cp_rank=0)["tokens"]

@@ -34,7 +34,7 @@ def _losses(run_dir) -> dict[int, float]:
 
 def _torchrun_command(run_dir, cache_dir, *overrides) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", PRETRAIN,
-            *TINY, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "checkpoint.interval=2",
+            *TINY, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}",
             "parallel.distributed_timeout_minutes=1", DROPOUT, *SCHEDULE, *overrides]
 
 
@@ -74,7 +74,7 @@ def test_sigterm_stop_resumes_on_the_straight_run(tmp_path, cache_dir):
         process.kill()
     assert "SIGTERM: stopped after iteration" in output, output
     stopped_at = int(output.split("SIGTERM: stopped after iteration")[1].split()[0])
-    assert 1 <= stopped_at < 30
+    assert 1 <= stopped_at < 300
     assert [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))] == [stopped_at]
 
     resumed = _run(run_dir, cache_dir, *overrides)
@@ -99,13 +99,41 @@ def _worker_pid(launcher_pid: int, local_rank: int) -> int:
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_one_iteration(tmp_path, cache_dir):
+    """dp=2, SIGTERM to rank 1 only (rank 0 prints): the ranks agree on the flag, so both save
+    the same iteration and stop; the job exits 0 with one checkpoint, at that iteration."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(_torchrun_command(run_dir, cache_dir, "train.iters=300", "checkpoint.interval=0"),
+                                env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in launcher.stdout:            # rank 0 has logged a step ("iter   1/300"): signal rank 1
+            if line.startswith("iter "):
+                os.kill(_worker_pid(launcher.pid, local_rank=1), signal.SIGTERM)
+                break
+        output = launcher.stdout.read()
+        returncode = launcher.wait(timeout=120)
+    finally:
+        launcher.kill()
+    assert returncode == 0, output[-3000:]
+    stops = [line for line in output.splitlines() if "SIGTERM: stopped after iteration" in line]
+    assert len(stops) == 1, output[-3000:]
+    stopped_at = int(stops[0].split("SIGTERM: stopped after iteration")[1].split()[0])
+    assert 1 <= stopped_at < 300
+    assert [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))] == [stopped_at]
+
+
+KILLED = ("train.iters=8", "checkpoint.interval=2")
+"""The killed-rank runs: a checkpoint every 2 steps, the rank killed after step 3."""
+
+
+@pytest.mark.slow
 def test_killed_rank_fails_fast_and_next_launch_resumes(tmp_path, cache_dir):
-    straight = subprocess.run(_torchrun_command(tmp_path / "straight", cache_dir, "train.iters=8"),
+    straight = subprocess.run(_torchrun_command(tmp_path / "straight", cache_dir, *KILLED),
                               env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(_torchrun_command(run_dir, cache_dir, "train.iters=8"), env=_env(tmp_path),
+    launcher = subprocess.Popen(_torchrun_command(run_dir, cache_dir, *KILLED), env=_env(tmp_path),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in launcher.stdout:            # rank 0 has logged step 3: kill rank 1
@@ -123,7 +151,7 @@ def test_killed_rank_fails_fast_and_next_launch_resumes(tmp_path, cache_dir):
     saved = [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))]
     assert saved and saved[-1] in (2, 4), saved
 
-    resumed = subprocess.run(_torchrun_command(run_dir, cache_dir, "train.iters=8"),
+    resumed = subprocess.run(_torchrun_command(run_dir, cache_dir, *KILLED),
                              env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/iter_{saved[-1]:07d}" in resumed.stdout

@@ -224,6 +224,29 @@ def test_split_dkdv_programs_are_within_2x_of_the_mean():
     assert result["before"]["ratio"] > 3 and result["after"]["ratio"] <= 2, result
 
 
+def test_dkdv_time_model_adds_the_partials_and_nothing_else():
+    """On one SM at one FLOP/s and one byte/s a makespan is the sum of its programs' costs: splitting
+    keeps the total query-tile visits, and the dK/dV time (reduce kernel included) grows by one
+    partial per split chunk, its fp32 dK and dV tile (2 x block_n x head_dim x 4 bytes) written by
+    the chunk and read by the reduce."""
+    pytest.importorskip("triton")
+    from s2attn.dkdv_balance import dkdv_balance
+    from s2attn.triton_attention import _dkdv_work, tile_configs
+    layout = S2Layout(16, 8, 64, local_blocks=16, vert_stride=16, head_sharding="query")
+    seq, heads, head_dim = 2048, 8, 128
+    result = dkdv_balance(layout, seq, 0, heads, head_dim, num_sms=1, flops_per_s=1, bytes_per_s=1)
+    kv = tile_configs(head_dim, layout.block_size, torch.bfloat16).backward_dkdv
+    _, work = _dkdv_work(layout, seq, seq, 0, 0, 0, heads, kv.block_m, kv.block_n, None, torch.device("cpu"))
+    partials = work.num_partials
+    before, after = result["before"], result["after"]
+    visits = before["programs"] * before["mean"]
+    assert partials > 0 and after["programs"] * after["mean"] == pytest.approx(visits, rel=1e-12)
+    visit_s = 4 * 2 * kv.block_m * kv.block_n * head_dim       # 4 matmuls of a kv tile by a query tile
+    partial_s = 2 * (2 * kv.block_n * head_dim * 4)              # fp32 dK and dV, written then read
+    assert before["dkdv_ms"] == pytest.approx(visits * visit_s * 1e3, rel=1e-12)
+    assert after["dkdv_ms"] - before["dkdv_ms"] == pytest.approx(partials * partial_s * 1e3, rel=1e-12)
+
+
 def test_pattern_index_is_cached():
     pytest.importorskip("triton")
     from s2attn.triton_attention import _sparse_index

@@ -56,6 +56,20 @@ class LrDecayStyle(Enum):
     constant = "constant"
 
 
+class RecomputeGranularity(Enum):
+    selective = "selective"
+    full = "full"
+
+
+class RecomputeMethod(Enum):
+    uniform = "uniform"
+    block = "block"
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+"""Megatron's selective recompute modules that apply to this model (no MoE, no MLA)."""
+
+
 class NonFinitePolicy(Enum):
     stop = "stop"      # save diagnostics (iteration, non-finite parameters) and exit non-zero
     skip = "skip"      # drop the step's update; stop after train.max_consecutive_skips in a row
@@ -101,6 +115,23 @@ class ModelConfig:
     """The tokenizer's vocabulary is padded to a multiple of this times parallel.tp."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the output layer."""
+    recompute_granularity: Optional[RecomputeGranularity] = None
+    """Activation recomputation (Megatron's --recompute-granularity): null keeps every activation;
+    selective recomputes model.recompute_modules of every layer; full recomputes whole layers
+    (needs model.recompute_method and model.recompute_num_layers). The cuda path runs Megatron's
+    own; the cpu path ours (megatron_s2.recompute: full layer by layer, selective core_attn)."""
+    recompute_method: Optional[RecomputeMethod] = None
+    """With full recomputation (Megatron's --recompute-method): uniform recomputes every layer, in
+    chunks of model.recompute_num_layers of which only the first keeps its input (the cpu path:
+    chunks of 1); block recomputes the first model.recompute_num_layers layers of each pipeline
+    stage and keeps the others' activations."""
+    recompute_num_layers: Optional[int] = None
+    """With full recomputation: the chunk size (uniform) or the number of recomputed layers per
+    pipeline stage (block), Megatron's --recompute-num-layers."""
+    recompute_modules: Optional[List[str]] = None
+    """With selective recomputation: which parts of each layer, any of core_attn (the core
+    attention), mlp, layernorm (the cuda path only for the last two); null means [core_attn], as in
+    Megatron (--recompute-modules)."""
 
 
 @dataclass
@@ -497,6 +528,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
                                                  "pipeline schedules); the cpu path supports tp, cp and dp")
         require(not p.sequence_parallel, "parallel.sequence_parallel", True, "needs the cuda path")
     require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
+    _check_recompute(cfg)
 
     # Schedule: a warmup that does not fit (a short run from the command line) is clamped.
     if t.lr_decay_iters is None:
@@ -545,6 +577,41 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     require(cfg.logging.peak_tflops_per_device is None or cfg.logging.peak_tflops_per_device > 0,
              "logging.peak_tflops_per_device", cfg.logging.peak_tflops_per_device, "must be > 0 or null")
     return cfg
+
+
+def _check_recompute(cfg: PretrainConfig) -> None:
+    """Megatron's rules for the recompute knobs (TransformerConfig and Megatron-LM's arguments),
+    one refusal each, plus what the cpu path's recomputation (megatron_s2.recompute) cannot do."""
+    m, cpu = cfg.model, cfg.train.device == Device.cpu
+    granularity, method, n, modules = (m.recompute_granularity, m.recompute_method, m.recompute_num_layers,
+                                       m.recompute_modules)
+    per_stage = m.num_layers // cfg.parallel.pp
+    if granularity is None:
+        for key in ("model.recompute_method", "model.recompute_num_layers", "model.recompute_modules"):
+            require(_lookup(cfg, key) is None, key, _lookup(cfg, key),
+                    "has no effect without model.recompute_granularity (selective or full)")
+        return
+    if granularity == RecomputeGranularity.full:
+        require(method is not None, "model.recompute_granularity", granularity,
+                "needs model.recompute_method (uniform or block) and model.recompute_num_layers, as in Megatron")
+        require(n is not None and 1 <= n <= per_stage, "model.recompute_num_layers", n,
+                f"must be between 1 and the layers per pipeline stage ({per_stage}) with full recomputation")
+        require(method != RecomputeMethod.uniform or per_stage % n == 0, "model.recompute_num_layers", n,
+                f"must divide the layers per pipeline stage ({per_stage}) with model.recompute_method=uniform")
+        require(not cpu or method != RecomputeMethod.uniform or n == 1, "model.recompute_num_layers", n,
+                "must be 1 with model.recompute_method=uniform on the cpu path (it recomputes layer by "
+                "layer); use model.recompute_method=block or the cuda path")
+        require(modules is None, "model.recompute_modules", modules, "applies to selective recomputation only")
+        return
+    require(method is None, "model.recompute_method", method, "applies to full recomputation only (Megatron-LM "
+                                                              "refuses it with selective)")
+    require(n is None, "model.recompute_num_layers", n, "applies to full recomputation only (Megatron requires "
+                                                        "None with selective)")
+    if modules is not None:
+        require(len(modules) > 0 and set(modules) <= set(RECOMPUTE_MODULES), "model.recompute_modules", modules,
+                f"must be a non-empty list of {list(RECOMPUTE_MODULES)}")
+        require(not cpu or modules == ["core_attn"], "model.recompute_modules", modules,
+                "the cpu path recomputes core_attn only (mlp and layernorm: the cuda path, Megatron's own)")
 
 
 def to_plain_dict(cfg: PretrainConfig) -> dict[str, Any]:

@@ -123,7 +123,19 @@ def transformer_config(cfg: PretrainConfig) -> TransformerConfig:
         pipeline_model_parallel_size=p.pp, sequence_parallel=p.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
         use_cpu_initialization=t.device == Device.cpu,
-        cuda_graph_scope=[])    # the whole layer; Megatron's default, "full", warns that it is deprecated
+        cuda_graph_scope=[],    # the whole layer; Megatron's default, "full", warns that it is deprecated
+        **recompute_knobs(cfg))
+
+
+def recompute_knobs(cfg: PretrainConfig) -> dict:
+    """model.recompute_* as TransformerConfig fields (recompute_modules None: Megatron's default)."""
+    m = cfg.model
+    knobs = {"recompute_granularity": m.recompute_granularity and m.recompute_granularity.value,
+             "recompute_method": m.recompute_method and m.recompute_method.value,
+             "recompute_num_layers": m.recompute_num_layers}
+    if m.recompute_modules is not None:
+        knobs["recompute_modules"] = list(m.recompute_modules)
+    return knobs
 
 
 def padded_vocab_size(vocab_size: int, cfg: PretrainConfig) -> int:
@@ -227,7 +239,8 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     model = build_gpt_model(config, cfg.attention.s2, cfg.attention.layout, vocab_size=vocab_size,
                             max_sequence_length=t.seq_length, rotary_base=cfg.model.rotary_base,
                             pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
-                            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights)
+                            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
+                            recompute_impl="torch" if device.type == "cpu" else "megatron")
     model.to(device)
     engine = CpuEngine(model, cfg) if device.type == "cpu" else GpuEngine(model, cfg, config)
     scheduler = OptimizerParamScheduler(

@@ -257,6 +257,9 @@ class DataConfig:
     """Restart position ids (RoPE) at every document (Megatron's --reset-position-ids). Under the
     packed layout RoPE restarts exactly where attention does, so it must equal
     data.reset_attention_mask."""
+    eod_mask_loss: bool = False
+    """No loss at end-of-document tokens (Megatron's --eod-mask-loss): the target of an EOD is the
+    next document's first token, which under data.reset_attention_mask it cannot attend."""
 
 
 @dataclass

@@ -229,7 +229,7 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
         prefixes, cfg.data.weights, list(cfg.data.valid_prefixes), cfg.data.split, tokenizer,
         seq_length=t.seq_length, seed=t.seed, num_train_samples=t.iters * t.global_batch_size,
         num_valid_samples=t.eval_iters * t.global_batch_size if t.eval_interval else 0,
-        cache_dir=cfg.data.cache_dir)
+        cache_dir=cfg.data.cache_dir, eod_mask_loss=cfg.data.eod_mask_loss)
 
     # Model, optimizer, schedule.
     config = transformer_config(cfg)

@@ -161,6 +161,12 @@ class ParallelConfig:
     """Pipeline parallel size (GPU path only)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism with tp > 1 (GPU path only)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce-scatter with the backward pass, bucket by bucket
+    (Megatron's --overlap-grad-reduce; the cuda path)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass
+    (Megatron's --overlap-param-gather; the cuda path, with parallel.overlap_grad_reduce)."""
     distributed_timeout_minutes: float = 10.0
     """Process group timeout: a collective that waits longer (a dead or stuck rank) raises instead
     of hanging (Megatron's --distributed-timeout-minutes)."""
@@ -532,6 +538,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
         require(not p.sequence_parallel, "parallel.sequence_parallel", True, "needs the cuda path")
     require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
     _check_recompute(cfg)
+    _check_overlap(cfg)
 
     # Schedule: a warmup that does not fit (a short run from the command line) is clamped.
     if t.lr_decay_iters is None:
@@ -615,6 +622,16 @@ def _check_recompute(cfg: PretrainConfig) -> None:
                 f"must be a non-empty list of {list(RECOMPUTE_MODULES)}")
         require(not cpu or modules == ["core_attn"], "model.recompute_modules", modules,
                 "the cpu path recomputes core_attn only (mlp and layernorm: the cuda path, Megatron's own)")
+
+
+def _check_overlap(cfg: PretrainConfig) -> None:
+    p = cfg.parallel
+    for key in ("parallel.overlap_grad_reduce", "parallel.overlap_param_gather"):
+        require(not _lookup(cfg, key) or cfg.train.device == Device.cuda, key, True,
+                "needs the cuda path (Megatron's DistributedDataParallel); the cpu path reduces gradients "
+                "after the backward")
+    require(not p.overlap_param_gather or p.overlap_grad_reduce, "parallel.overlap_param_gather", True,
+            "needs parallel.overlap_grad_reduce=true too (as in Megatron-LM)")
 
 
 def to_plain_dict(cfg: PretrainConfig) -> dict[str, Any]:

@@ -305,9 +305,10 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
         return sum(losses) / len(losses)
 
     def save() -> str:
-        model_sd = engine.module.sharded_state_dict()
-        state = _state(engine, scheduler, model_sd, iteration, consumed, world_size, rank, is_loading=False)
-        return ckpt.save_checkpoint(cfg.checkpoint_dir, iteration, state, meta, cfg.checkpoint.keep_last)
+        with engine.params_gathered():      # overlap_param_gather: parameters gathered before they are read
+            model_sd = engine.module.sharded_state_dict()
+            state = _state(engine, scheduler, model_sd, iteration, consumed, world_size, rank, is_loading=False)
+            return ckpt.save_checkpoint(cfg.checkpoint_dir, iteration, state, meta, cfg.checkpoint.keep_last)
 
     loss = val_loss = None
     saved_at = iteration if path else None

@@ -457,7 +457,7 @@ def _print_note(text: str) -> None:
 
 
 def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
-             note: Callable[[str], None] = _print_note) -> PretrainConfig:
+             note: Callable[[str], None] = _print_note, check_environment: bool = True) -> PretrainConfig:
     """Check every combination once and return the typed config with derived fields filled in:
     attention.layout (resolved S/D string), train.global_batch_size (micro x dp when null),
     train.warmup_iters (clamped when it does not fit), train.device / train.precision (never auto),
@@ -465,7 +465,9 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     (a ValueError) naming the key and its value; an adjusted value is reported through ``note``
     (default: one ``note:`` line on stdout from rank 0).
 
-    world_size defaults to $WORLD_SIZE (torchrun) or 1.
+    world_size defaults to $WORLD_SIZE (torchrun) or 1. ``check_environment=False`` (a plan for
+    another machine) skips what depends on this one: a CUDA device for train.device=cuda, and the
+    files of data.prefixes, data.valid_prefixes and data.tokenizer.
     """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
@@ -526,7 +528,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     # Device and precision.
     if t.device == Device.auto:
         t.device = Device.cuda if torch.cuda.is_available() else Device.cpu
-    require(t.device != Device.cuda or torch.cuda.is_available(), "train.device", t.device,
+    require(t.device != Device.cuda or torch.cuda.is_available() or not check_environment, "train.device", t.device,
              "torch sees no CUDA device; use train.device=auto or cpu")
     if t.precision == Precision.auto:
         t.precision = Precision.bf16 if t.device == Device.cuda else Precision.fp32
@@ -569,12 +571,12 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     require(not d.valid_prefixes or d.prefixes, "data.valid_prefixes", d.valid_prefixes,
              "needs data.prefixes (the training data) too")
     for key, prefixes in (("data.prefixes", d.prefixes), ("data.valid_prefixes", d.valid_prefixes)):
-        for i, prefix in enumerate(prefixes):
+        for i, prefix in enumerate(prefixes if check_environment else ()):
             with _refusals_of(cfg, f"{key}[{i}]"):
                 check_indexed_dataset(prefix, f"{key}[{i}]")
-    require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer), "data.tokenizer", d.tokenizer,
-             "must be 'byte' or a local Hugging Face tokenizer directory")
-    if d.loss_token_ids is not None:
+    require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer) or not check_environment, "data.tokenizer",
+            d.tokenizer, "must be 'byte' or a local Hugging Face tokenizer directory")
+    if d.loss_token_ids is not None and check_environment:
         vocab_size = load_tokenizer(d.tokenizer).vocab_size
         require(len(d.loss_token_ids) > 0 and all(0 <= i < vocab_size for i in d.loss_token_ids),
                  "data.loss_token_ids", d.loss_token_ids,

@@ -7,7 +7,8 @@ train.iters says so and does nothing.
 
 Before any process group or output exists, ``preflight`` refuses (ConfigError, nothing created):
 an output directory that cannot be written, a fresh run (checkpoint.resume=false) over another
-run's checkpoints, and a resume with another layout, S2 config or model than the checkpoint's.
+run's checkpoints, and a resume with another layout, S2 config or model than the checkpoint's;
+then ``plan.check_fits`` refuses a run whose memory plan exceeds the device's memory.
 Until the first step SIGTERM keeps its default action, so a launch stuck before training (data
 preparation, a hung collective) ends at once; from the first step on, SIGTERM (torchrun, SLURM)
 finishes the current step, saves, and returns. Ctrl-C raises RunInterrupted, which says where the
@@ -190,6 +191,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             f"train.lr_decay_iters is set); for a new run use a new run.dir")
         return {"iteration": resume[1], "loss": None, "val_loss": None, "checkpoint": resume[0],
                 "stopped_by_sigterm": False, "skipped_steps": 0, "complete": True}
+    from .plan import check_fits        # the plan builds on this module's transformer_config
+
+    check_fits(cfg, world_size)         # one line, before any model is built, if it cannot fit the device
     p = cfg.parallel
     say(f"{cfg.run.name}: {'resuming from ' + os.path.basename(resume[0]) if resume else 'starting'} in "
         f"{cfg.run.dir} | world {world_size} = dp {world_size // (p.tp * p.cp * p.pp)} x tp {p.tp} x cp "

@@ -23,7 +23,8 @@ Megatron's linear layers and MLP (its unfused activation), our core attention. E
 
 Recomputation (Megatron's meaning): ``core_attn`` keeps the core attention's inputs (query, key
 and the QKV output the value views) and its output instead of the attention out, lse and the
-exchanged K/V; ``mlp`` keeps the MLP input only; ``full`` keeps the layer input only. Outside the
+exchanged K/V; ``mlp`` keeps the MLP input only; ``full`` keeps the layer input only. Megatron's
+``layernorm`` module (the norms' outputs discarded and rebuilt) is not modelled: counted as kept. Outside the
 layers: token ids, the final norm, the output layer's input, the loss's fp32 softmax over this
 rank's vocabulary slice, the embedding dropout mask.
 

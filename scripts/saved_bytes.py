@@ -51,7 +51,8 @@ def rows(dropout: float):
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    print(f"{'shape':<7}{'dropout':>8}  {'layer':<6}{'recompute':<11}{'measured KiB':>14}{'model KiB':>12}{'model/measured':>16}")
+    print(f"{'shape':<7}{'dropout':>8}  {'layer':<6}{'recompute':<11}{'measured KiB':>14}{'model KiB':>12}"
+          f"{'model/measured':>16}")
     with model_parallel_session(1):
         for dropout in (0.0, 0.1):
             for name, kind, setting, measured, model in rows(dropout):

@@ -71,7 +71,8 @@ SHAPES = {"tiny": [],
                     "model.ffn_hidden_size=704", "train.seq_length=512", "train.micro_batch_size=2",
                     "attention.s2.block_size=32"]}
 SETTINGS = {"none": [], "core_attn": ["model.recompute_granularity=selective"],
-            "full": ["model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=2"]}
+            "full": ["model.recompute_granularity=full", "model.recompute_method=block",
+                     "model.recompute_num_layers=2"]}
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -127,7 +128,8 @@ def test_plan_of_the_gpu_recipes_without_a_gpu(recipe, world, vocab, capsys):
 
 
 def test_plan_says_does_not_fit_and_what_would(capsys):
-    code = cli.main(["--config-name=llama_7b_128k", "--plan", "--world-size=64", "--gpu-memory=20", "--vocab-size=128256"])
+    code = cli.main(["--config-name=llama_7b_128k", "--plan", "--world-size=64", "--gpu-memory=20",
+                     "--vocab-size=128256"])
     out = capsys.readouterr().out
     assert code == 0 and "does not fit; it fits with model.recompute_granularity=" in out, out
     composed = compose_config(recipe="llama_7b_128k")
@@ -155,7 +157,8 @@ def test_plan_static_memory_of_the_engines():
     (["--plan", "--gpu-memory", "lots"], "error: --gpu-memory=lots: must be a number (float)"),
     (["--plan", "--mfu", "1.5"], "error: --mfu=1.5: must be > 0 and <= 1"),
     (["--plan", "--config-name=llama_7b_128k", "data.tokenizer=/no/such/tokenizer"],
-     "error: data.tokenizer=/no/such/tokenizer: is not on this machine; give the vocabulary with --vocab-size N for the plan"),
+     "error: data.tokenizer=/no/such/tokenizer: is not on this machine; give the vocabulary with --vocab-size N "
+     "for the plan"),
 ])
 def test_plan_options_refused_in_one_line(argv, line, capsys):
     assert cli.main(argv) == 2

@@ -18,9 +18,9 @@ gradients.
   gradients only through hooks on the model's TransformerConfig; ``set_schedule_hooks`` sets them
   as Megatron-LM does; parallel.overlap_grad_reduce and parallel.overlap_param_gather overlap the
   gradient reduce-scatter with the backward and the parameter all-gather with the next forward
-  (``ddp_config``, ``ParamGatherHooks``). The objective above is Megatron's own normalisation: the loss function
-  returns (loss_sum, num_tokens, report), and with ``calculate_per_token_loss=False`` (the
-  default) the schedules divide by the tokens and by the number of micro batches
+  (``ddp_config``, ``ParamGatherHooks``). The objective above is Megatron's own normalisation: the
+  loss function returns (loss_sum, num_tokens, report), and with ``calculate_per_token_loss=False``
+  (the default) the schedules divide by the tokens and by the number of micro batches
   (``schedules.forward_step_calc_loss``) and DDP scales gradients by 1 / (dp x cp) before summing.
 
 A micro batch is [b, s] tensors (tokens, labels, loss_mask, position_ids) or, with

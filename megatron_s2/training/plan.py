@@ -250,7 +250,8 @@ def describe(plan: Plan, change: tuple[list[str], Plan] | None, mfu: float, peak
     lines = [
         f"plan: {cfg.run.name} on {plan.world_size} {device} ranks of {_gib(plan.capacity)} (dp {dp} x tp {p.tp} x "
         f"cp {p.cp} x pp {p.pp}{', sequence parallel' if p.sequence_parallel else ''}), {t.precision.value}, "
-        f"micro batch {t.micro_batch_size} x {t.seq_length} tokens{' (one pack)' if cfg.data.reset_attention_mask else ''}, "
+        f"micro batch {t.micro_batch_size} x {t.seq_length} tokens"
+        f"{' (one pack)' if cfg.data.reset_attention_mask else ''}, "
         f"global batch {t.global_batch_size} ({plan.micro_batches} micro batches per rank per step)",
         f"model: {cfg.model.num_layers} layers, {layout.count('D')} D + {layout.count('S')} S ({layout}), "
         f"vocabulary {plan.tokenizer_vocab} (padded {plan.vocab_size}); recomputation: {_recompute_setting(cfg)}",
@@ -324,8 +325,10 @@ def check_fits(cfg: PretrainConfig, world_size: int) -> None:
         return
     s = plan.worst
     change = fitting_change(plan)
-    fix = f"it fits with {' '.join(change[0])}" if change else "no single change of recomputation, micro batch, tp or cp fits"
+    fix = (f"it fits with {' '.join(change[0])}" if change
+           else "no single change of recomputation, micro batch, tp or cp fits")
     raise ConfigError("train.device", cfg.train.device,
-                      f"a rank needs {_gib(s.peak)} (parameters {_gib(s.param_bytes)}, gradients {_gib(s.grad_bytes)}, "
-                      f"optimizer {_gib(s.optimizer_bytes)}, activations {_gib(s.peak - s.static)}) and "
-                      f"{what.format(_gib(capacity))}: does not fit; {fix} (scripts/pretrain.py --plan shows the figures)")
+                      f"a rank needs {_gib(s.peak)} (parameters {_gib(s.param_bytes)}, gradients "
+                      f"{_gib(s.grad_bytes)}, optimizer {_gib(s.optimizer_bytes)}, activations "
+                      f"{_gib(s.peak - s.static)}) and {what.format(_gib(capacity))}: does not fit; {fix} "
+                      "(scripts/pretrain.py --plan shows the figures)")

@@ -21,6 +21,7 @@ the number that a dense-attention MFU would use, reported next to the sparse cou
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,13 @@ class FlopsPerToken:
     def predicted_speedup(self) -> float:
         """dense_equivalent / sparse: the step-time ratio the FLOPs model predicts."""
         return self.dense_equivalent / self.sparse
+
+
+@functools.lru_cache(maxsize=256)
+def _density(layout, length: int) -> float:
+    """``layout.density(length)``, kept: packs repeat lengths, and a plan tries the same geometry
+    under several settings (at 128k tokens one call builds a 2048 x 2048 mask per head)."""
+    return layout.density(length)
 
 
 def training_flops_per_token(config: TransformerConfig, layout: str, s2: S2AttentionConfig,
@@ -73,7 +81,7 @@ def training_flops_per_token(config: TransformerConfig, layout: str, s2: S2Atten
         n = -(-length // bs)
         if n:
             dense_pairs += n * (n + 1) / 2      # every causal block pair
-            sparse_pairs += n * (n + 1) / 2 * s2_layout.density(length)
+            sparse_pairs += n * (n + 1) / 2 * _density(s2_layout, length)
     dense_attention = 4 * d * heads * dense_pairs * bs * bs / seq_length
     sparse_attention = 4 * d * heads * sparse_pairs * bs * bs / seq_length
 

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from .attention import DenseCoreAttention, S2CoreAttention
 from .config import SPARSE, S2AttentionConfig, check_heads, check_layout, validate_hybrid_model
 from .norm import Norm
+from .recompute import IMPLEMENTATIONS, apply_torch_recompute, without_recompute
 from .rope import PortableRotaryEmbedding
 
 
@@ -64,12 +65,16 @@ def _stage_layer_ids(config: TransformerConfig, vp_stage: int | None, pp_rank: i
 
 def get_gpt_s2_layer_specs(config: TransformerConfig, s2: S2AttentionConfig, layout: str, *,
                            use_te: bool | None = None, vp_stage: int | None = None,
-                           pp_rank: int | None = None) -> TransformerBlockSubmodules:
+                           pp_rank: int | None = None, recompute_impl: str = "megatron") -> TransformerBlockSubmodules:
     """One layer spec per layer of this pipeline stage, for ``GPTModel(transformer_layer_spec=...)``.
 
     ``layout`` holds one S/D character per global layer. ``use_te``: None uses TransformerEngine
-    when installed; False forces the local (CPU-capable) modules.
+    when installed; False forces the local (CPU-capable) modules. ``recompute_impl="torch"`` puts
+    ``config``'s activation recomputation into the specs (``megatron_s2.recompute``; the model must
+    then get ``without_recompute(config)``); "megatron" leaves it to Megatron's modules.
     """
+    if recompute_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"recompute_impl must be one of {IMPLEMENTATIONS}, got {recompute_impl!r}")
     if config.multi_latent_attention or config.num_moe_experts is not None:
         raise ValueError(f"S2 layer specs support dense self-attention GPT layers only, got "
                          f"multi_latent_attention={config.multi_latent_attention}, "
@@ -86,6 +91,8 @@ def get_gpt_s2_layer_specs(config: TransformerConfig, s2: S2AttentionConfig, lay
     dense_spec = _layer_spec(config, use_te, dense_attention)
     layer_specs = [sparse_spec if layout[i] == SPARSE else dense_spec
                    for i in _stage_layer_ids(config, vp_stage, pp_rank)]
+    if recompute_impl == "torch" and config.recompute_granularity is not None:
+        layer_specs = apply_torch_recompute(config, layer_specs)
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
 
 
@@ -93,13 +100,18 @@ def build_gpt_model(config: TransformerConfig, s2: S2AttentionConfig, layout: st
                     max_sequence_length: int, position_embedding_type: str = "rope",
                     use_te: bool | None = None, pre_process: bool = True, post_process: bool = True,
                     share_embeddings_and_output_weights: bool = False, rotary_base: int = 10000,
-                    vp_stage: int | None = None) -> GPTModel:
+                    vp_stage: int | None = None, recompute_impl: str = "megatron") -> GPTModel:
     """A ``GPTModel`` whose layers follow ``layout``, after every check that needs no model.
 
     ``max_sequence_length`` is the training sequence length (a multiple of the S2 block size).
     Without CUDA, ``config.use_cpu_initialization`` must be set (Megatron allocates on the GPU
     otherwise). With ``position_embedding_type="rope"`` the model gets ``PortableRotaryEmbedding``
     on the device of its parameters.
+
+    Activation recomputation follows ``config.recompute_granularity`` / ``recompute_method`` /
+    ``recompute_num_layers`` / ``recompute_modules``. ``recompute_impl="megatron"``: Megatron's
+    own (``tensor_parallel.checkpoint``: CUDA only); ``"torch"``: ours (``megatron_s2.recompute``,
+    any device; the model's config is then ``without_recompute(config)``).
     """
     validate_hybrid_model(num_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
                           num_query_groups=config.num_query_groups,
@@ -108,7 +120,10 @@ def build_gpt_model(config: TransformerConfig, s2: S2AttentionConfig, layout: st
                           context_parallel_size=config.context_parallel_size)
     if not torch.cuda.is_available() and not config.use_cpu_initialization:
         raise ValueError("config.use_cpu_initialization must be True without CUDA, got False")
-    spec = get_gpt_s2_layer_specs(config, s2, layout, use_te=use_te, vp_stage=vp_stage)
+    spec = get_gpt_s2_layer_specs(config, s2, layout, use_te=use_te, vp_stage=vp_stage,
+                                  recompute_impl=recompute_impl)
+    if recompute_impl == "torch":
+        config = without_recompute(config)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                      max_sequence_length=max_sequence_length, pre_process=pre_process,
                      post_process=post_process,

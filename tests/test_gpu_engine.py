@@ -27,7 +27,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_s2.context_parallel import split_batch_for_cp
 from megatron_s2.training import pretrain, validate
 from megatron_s2.training.config import PretrainConfig, compose_config
-from megatron_s2.training.engine import schedule_shape, set_schedule_hooks
+from megatron_s2.training.engine import ParamGatherHooks, ddp_config, schedule_shape, set_schedule_hooks
+from megatron_s2.training.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multiproc" / "gpu_engine_worker.py"
@@ -72,6 +73,79 @@ def test_schedule_hooks_with_overlap():
     assert config.no_sync_func == model.no_sync
     assert config.grad_sync_func == model.start_grad_sync
     assert config.param_sync_func == model.start_param_sync
+
+
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+
+
+def test_overlap_keys_set_ddp_and_the_schedule_hooks_as_megatron_lm(monkeypatch):
+    """The recipe keys reach Megatron's DDP config (align_param_gather on, Megatron-LM's default),
+    and with them set_schedule_hooks sets no_sync_func, grad_sync_func and param_sync_func."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # validates train.device=cuda here
+    cfg = validate(compose_config(["train.device=cuda", *OVERLAP]), world_size=1)
+    ddp = ddp_config(cfg)
+    assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather, ddp.align_param_gather,
+            ddp.use_distributed_optimizer, ddp.grad_reduce_in_fp32) == (True, True, True, True, True)
+    config, model = _config(), _FakeDDP(ddp)
+    set_schedule_hooks(config, model, SimpleNamespace(scale_loss=None))
+    assert (config.no_sync_func, config.grad_sync_func, config.param_sync_func) == (
+        model.no_sync, model.start_grad_sync, model.start_param_sync)
+    plain = ddp_config(validate(compose_config(["train.device=cuda"]), world_size=1))
+    assert not (plain.overlap_grad_reduce or plain.overlap_param_gather or plain.align_param_gather)
+
+
+class _HookedDDP(_FakeDDP):
+    """Records the forward pre-hook calls Megatron's DDP would get."""
+
+    def __init__(self, ddp_config):
+        super().__init__(ddp_config)
+        self.calls = []
+
+    def enable_forward_pre_hook(self):
+        self.calls.append("enable")
+
+    def disable_forward_pre_hook(self, param_sync=True):
+        self.calls.append(f"disable(param_sync={param_sync})")
+
+
+def test_param_gather_hooks_follow_megatron_lm():
+    """As Megatron-LM's train(): hooks and param_sync_func off until the first optimizer step, then
+    on; evaluation and saves gather the parameters (hooks off with a forced sync, then on again);
+    before the first step there is nothing to gather."""
+    model = _HookedDDP(DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                                     overlap_param_gather=True, align_param_gather=True))
+    config = _config()
+    set_schedule_hooks(config, model, SimpleNamespace(scale_loss=None))
+    hooks = ParamGatherHooks(model, config)
+    assert model.calls == ["disable(param_sync=False)"] and config.param_sync_func is None
+    with hooks.gathered():
+        assert model.calls == ["disable(param_sync=False)"]
+    hooks.after_step()
+    hooks.after_step()
+    assert model.calls == ["disable(param_sync=False)", "enable"] and config.param_sync_func == model.start_param_sync
+    with hooks.gathered():
+        assert model.calls[-1] == "disable(param_sync=True)"
+    assert model.calls[-1] == "enable"
+
+    plain = _HookedDDP(DistributedDataParallelConfig(use_distributed_optimizer=True))
+    hooks = ParamGatherHooks(plain, _config())
+    hooks.after_step()
+    with hooks.gathered():
+        pass
+    assert plain.calls == []
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["parallel.overlap_grad_reduce=true"], "parallel.overlap_grad_reduce=true: needs the cuda path (Megatron's "
+     "DistributedDataParallel); the cpu path reduces gradients after the backward"),
+    (["train.device=cuda", "parallel.overlap_param_gather=true"],
+     "parallel.overlap_param_gather=true: needs parallel.overlap_grad_reduce=true too (as in Megatron-LM)"),
+])
+def test_overlap_refused_in_one_line(overrides, line, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: "train.device=cuda" in overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides), world_size=1)
+    assert str(info.value) == line
 
 
 @pytest.mark.parametrize("tp,cp,sequence_parallel", [(1, 1, False), (1, 2, False), (2, 4, False), (2, 2, True)])
@@ -138,12 +212,14 @@ _REFUSED_BACKENDS: dict[str, str] = {}      # backend -> its refusal, so the nex
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("parallel", ["-", "parallel.cp=2", "parallel.tp=2,parallel.sequence_parallel=true"],
-                         ids=["dp2", "cp2", "tp2_sp"])
+@pytest.mark.parametrize("parallel", ["-", "parallel.cp=2", "parallel.tp=2,parallel.sequence_parallel=true",
+                                      ",".join(OVERLAP)], ids=["dp2", "cp2", "tp2_sp", "dp2_overlap"])
 def test_two_ranks_on_one_gpu_equal_one_process(tmp_path, one_process, parallel):
     """dp=2, cp=2, or tp=2 with sequence parallelism on two ranks sharing the GPU: gradients are
     reduced over dp x cp and the norm weights' over TP, so losses and gradient norms equal the
-    single process's (fp32; other GEMM shapes and summation orders allow 1e-3)."""
+    single process's (fp32; other GEMM shapes and summation orders allow 1e-3). dp2_overlap: the
+    same with the reduce-scatter overlapped with the backward and the parameter all-gather with
+    the next forward."""
     for backend in ("cpu:gloo,cuda:nccl", "gloo"):
         if backend in _REFUSED_BACKENDS:
             continue
@@ -158,15 +234,19 @@ def test_two_ranks_on_one_gpu_equal_one_process(tmp_path, one_process, parallel)
 
 
 @pytest.mark.gpu
-def test_gpu_training_resumes_on_the_straight_runs_losses(tmp_path):
+@pytest.mark.parametrize("overlap", [[], OVERLAP], ids=["plain", "overlap"])
+def test_gpu_training_resumes_on_the_straight_runs_losses(tmp_path, overlap):
     """The tiny recipe on CUDA in bf16 (Megatron DDP, distributed optimizer): 30 steps, saved, then
     resumed to 40, against 40 steps straight. The two runs' first 30 steps did the same work: if
     they are bit-identical (deterministic kernels), steps 31-40 must be too; otherwise they agree
-    to bf16 run-to-run noise."""
+    to bf16 run-to-run noise. With the overlap knobs the checkpoint must hold the parameters of
+    step 30 all-gathered (saves run inside ParamGatherHooks.gathered), or the resumed run starts
+    from stale weights."""
     def run(run_dir, iters):
         overrides = ["train.device=cuda", "train.precision=bf16", f"train.iters={iters}",
                      "train.lr_decay_iters=40", "train.eval_interval=0", "logging.interval=1",
-                     "logging.wandb.mode=disabled", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
+                     "logging.wandb.mode=disabled", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
+                     *overlap]
         pretrain(validate(compose_config(overrides), world_size=1))
         with open(run_dir / "metrics.jsonl") as f:
             return {r["iteration"]: r["loss"] for r in map(json.loads, f) if "loss" in r}

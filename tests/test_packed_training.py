@@ -223,3 +223,43 @@ def test_packed_two_processes_match_one(tmp_path, cache_dir, parallel):
         flops_one = one["tflops_per_device"] / one["tokens_per_sec"]
         flops_two = two["tflops_per_device"] * 2 / two["tokens_per_sec"]      # per device, 2 devices
         assert flops_two == pytest.approx(flops_one, rel=1e-9)
+
+
+# -- data.eod_mask_loss ------------------------------------------------------------------------------
+@pytest.mark.parametrize("eod_mask_loss", [True, False])
+def test_eod_mask_loss_is_megatrons(cache_dir, eod_mask_loss):
+    """data.eod_mask_loss through build_datasets and pack_documents: every sample's loss mask and
+    position ids are those of Megatron's _get_ltor_masks_and_position_ids (reset_position_ids,
+    reset_attention_mask, eod_mask_loss) on the sample's tokens; with it set, the positions whose
+    input is an EOD (their target: the next document's first token) carry no loss."""
+    tokenizer, seq = ByteTokenizer(), 128
+    train, _ = build_datasets([default_dataset(cache_dir, tokenizer, "paragraph")], None, [], "98,2,0", tokenizer,
+                              seq_length=seq, seed=1, num_train_samples=8, num_valid_samples=0,
+                              cache_dir=cache_dir, eod_mask_loss=eod_mask_loss)
+    batch = get_micro_batch(train, 0, 8)
+    pack, _ = pack_documents(batch, E)
+    for i, tokens in enumerate(batch["tokens"]):
+        _, loss_mask, positions = _get_ltor_masks_and_position_ids(
+            tokens, E, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=eod_mask_loss,
+            create_attention_mask=False)
+        assert torch.equal(pack["loss_mask"][0, i * seq:(i + 1) * seq], loss_mask)
+        assert torch.equal(pack["position_ids"][0, i * seq:(i + 1) * seq], positions)
+    eods = batch["tokens"] == E
+    assert eods.any()
+    assert (batch["loss_mask"][eods] == 0).all() if eod_mask_loss else batch["loss_mask"].all()
+
+
+def test_trainer_passes_eod_mask_loss(tmp_path, cache_dir, monkeypatch):
+    """The key reaches the datasets (the loop's only use of it)."""
+    import megatron_s2.training.loop as loop
+
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "build_datasets", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "run", cache_dir, *PACKING, "data.eod_mask_loss=true")
+    assert seen["eod_mask_loss"] is True

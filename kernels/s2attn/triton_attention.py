@@ -961,3 +961,17 @@ def triton_packed_attention(q, k, v, layout: S2Layout, softmax_scale: float, hea
                        (tuple(q_lengths), tuple(kv_lengths)))
     out, lse = _S2TritonAttention.apply(q[None], k[None], v[None], problem, (cu_seqlens_q, cu_seqlens_kv))
     return out[0], lse[0]
+
+
+def dkdv_partial_bytes(layout: S2Layout, *, batch: int, s_q: int, s_kv: int, heads: int, head_dim: int,
+                       dtype: torch.dtype, head_offset: int = 0, q_offset: int = 0, kv_offset: int = 0) -> int:
+    """Bytes of the fp32 dK/dV partial buffer that the backward of ``triton_attention`` allocates
+    for this call (arguments as there; ``heads`` this call's query heads), from the same work lists
+    as ``_backward`` (``_Problem.dkdv_work``), built on the CPU: no GPU needed. Packed documents are
+    not covered (their lists depend on the lengths of each pack)."""
+    kv_heads = (head_offset + heads - 1) // layout.group_size - head_offset // layout.group_size + 1
+    problem = _Problem(layout, batch, heads, kv_heads, s_q, s_kv, head_dim, head_offset, q_offset, kv_offset,
+                       1.0, tile_configs(head_dim, layout.block_size, dtype))
+    config = problem.configs.backward_dkdv
+    *_, work = problem.dkdv_work(config, torch.device("cpu"))
+    return batch * max(1, work.num_partials) * 2 * config.block_n * head_dim * 4

@@ -10,7 +10,10 @@ type, malformed override, unknown recipe) and ``validate``'s or ``pretrain``'s, 
 stderr, ``error: <key>=<value>: <what is wrong and how to fix it>``, from rank 0 only ($RANK, as
 torchrun sets it; the other ranks print nothing), with exit status 2. ``HYDRA_FULL_ERROR=1`` raises
 instead, with the traceback. Options: ``--config-name NAME`` (``-cn``), ``--cfg job`` (print the
-composed recipe), ``--help``.
+composed recipe), ``--help``, and ``--plan`` (print the run's memory and speed plan for the target
+machine and exit 0, whether it fits or not; ``megatron_s2.training.plan``) with ``--world-size N``
+(default: one model replica, tp x cp x pp), ``--gpu-memory GIB`` (memory per rank, default 80),
+``--mfu F`` (default 0.4) and ``--vocab-size N`` (when data.tokenizer is not on this machine).
 """
 from __future__ import annotations
 
@@ -31,8 +34,12 @@ from .loop import pretrain
 USAGE = """usage: python scripts/pretrain.py [--config-name RECIPE] [key=value ...]
        torchrun --nproc_per_node=N scripts/pretrain.py [--config-name RECIPE] [key=value ...]
 
+       python scripts/pretrain.py [--config-name RECIPE] [key=value ...] --plan [--world-size N]
+              [--gpu-memory GIB] [--mfu F] [--vocab-size N]
+
 Pretrain a hybrid S2/dense GPT model. Overrides use Hydra's syntax (key=value, key=[a,b]); every
-output goes under run.dir, and rerunning a command resumes its run."""
+output goes under run.dir, and rerunning a command resumes its run. --plan prints the run's memory
+(per rank, against --gpu-memory, default 80 GiB) and speed plan for --world-size ranks and exits."""
 
 
 def _first_sentence(text: str, width: int = 96) -> str:
@@ -86,10 +93,50 @@ def _parse(argv: list[str]) -> tuple[str, list[str], bool, bool]:
             if args and args[0] == "job":
                 args.pop(0)
         elif arg.startswith("-"):
-            raise ConfigError("option", arg, "unknown; the options are --config-name, --cfg job and --help")
+            raise ConfigError("option", arg, "unknown; the options are --config-name, --cfg job, --plan and --help")
         else:
             overrides.append(arg)
     return recipe, overrides, show_help, show_cfg
+
+
+PLAN_OPTIONS = {"--world-size": int, "--gpu-memory": float, "--mfu": float, "--vocab-size": int}
+
+
+def _plan_options(argv: list[str]) -> tuple[list[str], dict | None]:
+    """(argv without the plan's options, {option: value} or None without --plan)."""
+    rest, options, plan = [], {}, False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        name, eq, value = arg.partition("=")
+        if arg == "--plan":
+            plan = True
+        elif name in PLAN_OPTIONS:
+            if not eq:
+                if not args:
+                    raise ConfigError(name, "", "needs a value")
+                value = args.pop(0)
+            try:
+                options[name] = PLAN_OPTIONS[name](value)
+            except ValueError:
+                raise ConfigError(name, value, f"must be a number ({PLAN_OPTIONS[name].__name__})") from None
+            if options[name] <= 0 or (name == "--mfu" and options[name] > 1):
+                raise ConfigError(name, value, "must be > 0" + (" and <= 1" if name == "--mfu" else ""))
+        else:
+            rest.append(arg)
+    if options and not plan:
+        raise ConfigError(next(iter(options)), options[next(iter(options))], "is an option of --plan")
+    return rest, options if plan else None
+
+
+def _print_plan(composed, options: dict) -> None:
+    from .plan import DEFAULT_PEAK_TFLOPS, describe, make_plan
+
+    p = composed.parallel
+    world_size = options.get("--world-size", p.tp * p.cp * p.pp)
+    plan, change = make_plan(composed, world_size, options.get("--gpu-memory", 80.0), options.get("--vocab-size"))
+    peak = plan.cfg.logging.peak_tflops_per_device or DEFAULT_PEAK_TFLOPS
+    print(describe(plan, change, options.get("--mfu", 0.4), peak))
 
 
 def _override_value(overrides: list[str], key: str) -> str:
@@ -167,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        argv, plan_options = _plan_options(argv)
         recipe, overrides, show_help, show_cfg = _parse(argv)
         if show_help:
             print(help_text())
@@ -181,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_keys(composed)
         if show_cfg:
             print(OmegaConf.to_yaml(composed), end="")
+            return 0
+        if plan_options is not None:
+            _print_plan(composed, plan_options)
             return 0
         cfg = validate(composed)
         _quiet_notices(cpu=cfg.train.device == Device.cpu)

@@ -56,6 +56,20 @@ class LrDecayStyle(Enum):
     constant = "constant"
 
 
+class RecomputeGranularity(Enum):
+    selective = "selective"
+    full = "full"
+
+
+class RecomputeMethod(Enum):
+    uniform = "uniform"
+    block = "block"
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+"""Megatron's selective recompute modules that apply to this model (no MoE, no MLA)."""
+
+
 class NonFinitePolicy(Enum):
     stop = "stop"      # save diagnostics (iteration, non-finite parameters) and exit non-zero
     skip = "skip"      # drop the step's update; stop after train.max_consecutive_skips in a row
@@ -101,6 +115,23 @@ class ModelConfig:
     """The tokenizer's vocabulary is padded to a multiple of this times parallel.tp."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the output layer."""
+    recompute_granularity: Optional[RecomputeGranularity] = None
+    """Activation recomputation (Megatron's --recompute-granularity): null keeps every activation;
+    selective recomputes model.recompute_modules of every layer; full recomputes whole layers
+    (needs model.recompute_method and model.recompute_num_layers). The cuda path runs Megatron's
+    own; the cpu path ours (megatron_s2.recompute: full layer by layer, selective core_attn)."""
+    recompute_method: Optional[RecomputeMethod] = None
+    """With full recomputation (Megatron's --recompute-method): uniform recomputes every layer, in
+    chunks of model.recompute_num_layers of which only the first keeps its input (the cpu path:
+    chunks of 1); block recomputes the first model.recompute_num_layers layers of each pipeline
+    stage and keeps the others' activations."""
+    recompute_num_layers: Optional[int] = None
+    """With full recomputation: the chunk size (uniform) or the number of recomputed layers per
+    pipeline stage (block), Megatron's --recompute-num-layers."""
+    recompute_modules: Optional[List[str]] = None
+    """With selective recomputation: which parts of each layer, any of core_attn (the core
+    attention), mlp, layernorm (the cuda path only for the last two); null means [core_attn], as in
+    Megatron (--recompute-modules)."""
 
 
 @dataclass
@@ -130,6 +161,12 @@ class ParallelConfig:
     """Pipeline parallel size (GPU path only)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism with tp > 1 (GPU path only)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce-scatter with the backward pass, bucket by bucket
+    (Megatron's --overlap-grad-reduce; the cuda path)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass
+    (Megatron's --overlap-param-gather; the cuda path, with parallel.overlap_grad_reduce)."""
     distributed_timeout_minutes: float = 10.0
     """Process group timeout: a collective that waits longer (a dead or stuck rank) raises instead
     of hanging (Megatron's --distributed-timeout-minutes)."""
@@ -226,6 +263,9 @@ class DataConfig:
     """Restart position ids (RoPE) at every document (Megatron's --reset-position-ids). Under the
     packed layout RoPE restarts exactly where attention does, so it must equal
     data.reset_attention_mask."""
+    eod_mask_loss: bool = False
+    """No loss at end-of-document tokens (Megatron's --eod-mask-loss): the target of an EOD is the
+    next document's first token, which under data.reset_attention_mask it cannot attend."""
 
 
 @dataclass
@@ -417,7 +457,7 @@ def _print_note(text: str) -> None:
 
 
 def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
-             note: Callable[[str], None] = _print_note) -> PretrainConfig:
+             note: Callable[[str], None] = _print_note, check_environment: bool = True) -> PretrainConfig:
     """Check every combination once and return the typed config with derived fields filled in:
     attention.layout (resolved S/D string), train.global_batch_size (micro x dp when null),
     train.warmup_iters (clamped when it does not fit), train.device / train.precision (never auto),
@@ -425,7 +465,9 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     (a ValueError) naming the key and its value; an adjusted value is reported through ``note``
     (default: one ``note:`` line on stdout from rank 0).
 
-    world_size defaults to $WORLD_SIZE (torchrun) or 1.
+    world_size defaults to $WORLD_SIZE (torchrun) or 1. ``check_environment=False`` (a plan for
+    another machine) skips what depends on this one: a CUDA device for train.device=cuda, and the
+    files of data.prefixes, data.valid_prefixes and data.tokenizer.
     """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
@@ -486,7 +528,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     # Device and precision.
     if t.device == Device.auto:
         t.device = Device.cuda if torch.cuda.is_available() else Device.cpu
-    require(t.device != Device.cuda or torch.cuda.is_available(), "train.device", t.device,
+    require(t.device != Device.cuda or torch.cuda.is_available() or not check_environment, "train.device", t.device,
              "torch sees no CUDA device; use train.device=auto or cpu")
     if t.precision == Precision.auto:
         t.precision = Precision.bf16 if t.device == Device.cuda else Precision.fp32
@@ -497,6 +539,8 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
                                                  "pipeline schedules); the cpu path supports tp, cp and dp")
         require(not p.sequence_parallel, "parallel.sequence_parallel", True, "needs the cuda path")
     require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", True, "needs parallel.tp > 1")
+    _check_recompute(cfg)
+    _check_overlap(cfg)
 
     # Schedule: a warmup that does not fit (a short run from the command line) is clamped.
     if t.lr_decay_iters is None:
@@ -527,12 +571,12 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     require(not d.valid_prefixes or d.prefixes, "data.valid_prefixes", d.valid_prefixes,
              "needs data.prefixes (the training data) too")
     for key, prefixes in (("data.prefixes", d.prefixes), ("data.valid_prefixes", d.valid_prefixes)):
-        for i, prefix in enumerate(prefixes):
+        for i, prefix in enumerate(prefixes if check_environment else ()):
             with _refusals_of(cfg, f"{key}[{i}]"):
                 check_indexed_dataset(prefix, f"{key}[{i}]")
-    require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer), "data.tokenizer", d.tokenizer,
-             "must be 'byte' or a local Hugging Face tokenizer directory")
-    if d.loss_token_ids is not None:
+    require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer) or not check_environment, "data.tokenizer",
+            d.tokenizer, "must be 'byte' or a local Hugging Face tokenizer directory")
+    if d.loss_token_ids is not None and check_environment:
         vocab_size = load_tokenizer(d.tokenizer).vocab_size
         require(len(d.loss_token_ids) > 0 and all(0 <= i < vocab_size for i in d.loss_token_ids),
                  "data.loss_token_ids", d.loss_token_ids,
@@ -545,6 +589,51 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     require(cfg.logging.peak_tflops_per_device is None or cfg.logging.peak_tflops_per_device > 0,
              "logging.peak_tflops_per_device", cfg.logging.peak_tflops_per_device, "must be > 0 or null")
     return cfg
+
+
+def _check_recompute(cfg: PretrainConfig) -> None:
+    """Megatron's rules for the recompute knobs (TransformerConfig and Megatron-LM's arguments),
+    one refusal each, plus what the cpu path's recomputation (megatron_s2.recompute) cannot do."""
+    m, cpu = cfg.model, cfg.train.device == Device.cpu
+    granularity, method, n, modules = (m.recompute_granularity, m.recompute_method, m.recompute_num_layers,
+                                       m.recompute_modules)
+    per_stage = m.num_layers // cfg.parallel.pp
+    if granularity is None:
+        for key in ("model.recompute_method", "model.recompute_num_layers", "model.recompute_modules"):
+            require(_lookup(cfg, key) is None, key, _lookup(cfg, key),
+                    "has no effect without model.recompute_granularity (selective or full)")
+        return
+    if granularity == RecomputeGranularity.full:
+        require(method is not None, "model.recompute_granularity", granularity,
+                "needs model.recompute_method (uniform or block) and model.recompute_num_layers, as in Megatron")
+        require(n is not None and 1 <= n <= per_stage, "model.recompute_num_layers", n,
+                f"must be between 1 and the layers per pipeline stage ({per_stage}) with full recomputation")
+        require(method != RecomputeMethod.uniform or per_stage % n == 0, "model.recompute_num_layers", n,
+                f"must divide the layers per pipeline stage ({per_stage}) with model.recompute_method=uniform")
+        require(not cpu or method != RecomputeMethod.uniform or n == 1, "model.recompute_num_layers", n,
+                "must be 1 with model.recompute_method=uniform on the cpu path (it recomputes layer by "
+                "layer); use model.recompute_method=block or the cuda path")
+        require(modules is None, "model.recompute_modules", modules, "applies to selective recomputation only")
+        return
+    require(method is None, "model.recompute_method", method, "applies to full recomputation only (Megatron-LM "
+                                                              "refuses it with selective)")
+    require(n is None, "model.recompute_num_layers", n, "applies to full recomputation only (Megatron requires "
+                                                        "None with selective)")
+    if modules is not None:
+        require(len(modules) > 0 and set(modules) <= set(RECOMPUTE_MODULES), "model.recompute_modules", modules,
+                f"must be a non-empty list of {list(RECOMPUTE_MODULES)}")
+        require(not cpu or modules == ["core_attn"], "model.recompute_modules", modules,
+                "the cpu path recomputes core_attn only (mlp and layernorm: the cuda path, Megatron's own)")
+
+
+def _check_overlap(cfg: PretrainConfig) -> None:
+    p = cfg.parallel
+    for key in ("parallel.overlap_grad_reduce", "parallel.overlap_param_gather"):
+        require(not _lookup(cfg, key) or cfg.train.device == Device.cuda, key, True,
+                "needs the cuda path (Megatron's DistributedDataParallel); the cpu path reduces gradients "
+                "after the backward")
+    require(not p.overlap_param_gather or p.overlap_grad_reduce, "parallel.overlap_param_gather", True,
+            "needs parallel.overlap_grad_reduce=true too (as in Megatron-LM)")
 
 
 def to_plain_dict(cfg: PretrainConfig) -> dict[str, Any]:

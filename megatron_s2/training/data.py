@@ -341,11 +341,14 @@ def check_splits(prefixes: list[str], weights: list[float] | None, valid_prefixe
 
 def build_datasets(prefixes: list[str], weights: list[float] | None, valid_prefixes: list[str],
                    split: str, tokenizer, *, seq_length: int, seed: int, num_train_samples: int,
-                   num_valid_samples: int, cache_dir: str):
+                   num_valid_samples: int, cache_dir: str, eod_mask_loss: bool = False):
     """(train, valid) GPTDatasets (valid is None when num_valid_samples is 0). Call on every rank:
     Megatron builds its index caches on rank 0 first. ValueError (before Megatron builds anything,
     the same on every rank) when a dataset was prepared with another tokenizer or a split that is
-    read has no sample (``check_splits``). Only the splits this run reads are built."""
+    read has no sample (``check_splits``). Only the splits this run reads are built.
+    ``eod_mask_loss``: Megatron's (its ``_get_ltor_masks_and_position_ids`` zeroes the loss mask
+    where the input token is the tokenizer's eod). Position ids and document boundaries are left
+    to ``pack_documents`` (Megatron's reset flags stay off here)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -358,7 +361,7 @@ def build_datasets(prefixes: list[str], weights: list[float] | None, valid_prefi
                     if valid_prefixes else dict(blend=train_blend, split=split))
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=eod_mask_loss,
         create_attention_mask=False, path_to_cache=os.path.join(cache_dir, "indices"),
         **split_kwargs)
     if not valid_prefixes:      # the same documents per split; Megatron skips the splits set to None

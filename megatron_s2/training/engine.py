@@ -16,9 +16,11 @@ gradients.
 - ``GpuEngine`` (CUDA, bf16 or fp32): Megatron-Core's DistributedDataParallel, distributed
   optimizer and forward-backward schedules (pipeline schedules when pp > 1). The schedules reduce
   gradients only through hooks on the model's TransformerConfig; ``set_schedule_hooks`` sets them
-  as Megatron-LM does. The objective above is Megatron's own normalisation: the loss function
-  returns (loss_sum, num_tokens, report), and with ``calculate_per_token_loss=False`` (the
-  default) the schedules divide by the tokens and by the number of micro batches
+  as Megatron-LM does; parallel.overlap_grad_reduce and parallel.overlap_param_gather overlap the
+  gradient reduce-scatter with the backward and the parameter all-gather with the next forward
+  (``ddp_config``, ``ParamGatherHooks``). The objective above is Megatron's own normalisation: the
+  loss function returns (loss_sum, num_tokens, report), and with ``calculate_per_token_loss=False``
+  (the default) the schedules divide by the tokens and by the number of micro batches
   (``schedules.forward_step_calc_loss``) and DDP scales gradients by 1 / (dp x cp) before summing.
 
 A micro batch is [b, s] tensors (tokens, labels, loss_mask, position_ids) or, with
@@ -33,6 +35,7 @@ GpuEngine with CpuEngine and two ranks with one process.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -128,6 +131,10 @@ class CpuEngine:
             totals += torch.stack([loss_sum, tokens]).double()
         return reduce_loss(totals)
 
+    def params_gathered(self):
+        """The parameters are always the optimizer's (the GPU path may gather them late)."""
+        return contextlib.nullcontext()
+
     def _all_reduce_grads(self) -> None:
         size = dist.get_world_size(self.dp_group)
         if size == 1:
@@ -180,8 +187,8 @@ def set_schedule_hooks(config, model, optimizer) -> None:
       during all but the last micro batch) and ``grad_sync_func = model.start_grad_sync`` (the
       pipeline schedules launch a chunk's reduction after its last backward); with
       ``overlap_param_gather`` and ``align_param_gather``: ``param_sync_func =
-      model.start_param_sync``. Otherwise these are None. GpuEngine overlaps nothing today
-      (``overlap_grad_reduce=False``), so only the first two are set.
+      model.start_param_sync``. Otherwise these are None (parallel.overlap_grad_reduce and
+      parallel.overlap_param_gather choose; ``ddp_config``).
     """
     from megatron.core.distributed import finalize_model_grads
 
@@ -192,6 +199,54 @@ def set_schedule_hooks(config, model, optimizer) -> None:
     config.grad_sync_func = model.start_grad_sync if ddp.overlap_grad_reduce else None
     config.param_sync_func = (model.start_param_sync if ddp.overlap_param_gather and ddp.align_param_gather
                               else None)
+
+
+def ddp_config(cfg: PretrainConfig):
+    """Megatron's DistributedDataParallelConfig of the GPU path: fp32 gradient reduction, the
+    distributed optimizer, and the overlap knobs as Megatron-LM sets them (align_param_gather, its
+    default, with overlap_param_gather); NaN/Inf checks are the loop's."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    p = cfg.parallel
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+                                         overlap_grad_reduce=p.overlap_grad_reduce,
+                                         overlap_param_gather=p.overlap_param_gather,
+                                         align_param_gather=p.overlap_param_gather,
+                                         check_for_nan_in_grad=False)
+
+
+class ParamGatherHooks:
+    """With ``overlap_param_gather``, Megatron's DDP all-gathers the distributed optimizer's updated
+    parameters in forward pre-hooks, during the next forward. As Megatron-LM's ``training.train``:
+    the hooks (and ``config.param_sync_func``) are off until the first successful optimizer step
+    (``after_step``), so that a fault in loading or initialisation does not spread through the
+    first all-gather; evaluation and checkpoint saves run ``gathered()``: hooks off, parameters
+    all-gathered at once, hooks back on after. Without the overlap every call does nothing."""
+
+    def __init__(self, model, config) -> None:
+        self.model, self.config = model, config
+        self.enabled = False
+        self.param_sync_func = None
+        if model.ddp_config.overlap_param_gather:
+            model.disable_forward_pre_hook(param_sync=False)
+            self.param_sync_func, config.param_sync_func = config.param_sync_func, None
+
+    def after_step(self) -> None:
+        if self.model.ddp_config.overlap_param_gather and not self.enabled:
+            self.model.enable_forward_pre_hook()
+            self.config.param_sync_func = self.param_sync_func
+            self.enabled = True
+
+    @contextlib.contextmanager
+    def gathered(self):
+        if not self.enabled:        # no optimizer step since the parameters were last gathered
+            yield
+            return
+        self.model.disable_forward_pre_hook()          # param_sync=True: waits for the all-gather
+        try:
+            yield
+        finally:
+            self.model.enable_forward_pre_hook()
 
 
 def schedule_shape(cfg: PretrainConfig) -> dict:
@@ -211,16 +266,13 @@ class GpuEngine:
     """Megatron-Core DDP + distributed optimizer + forward-backward schedules."""
 
     def __init__(self, model: torch.nn.Module, cfg: PretrainConfig, transformer_config) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         t = cfg.train
         self.shape = schedule_shape(cfg)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=True,
-                                                   check_for_nan_in_grad=False)   # the loop checks
         self.module = model
-        self.model = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=model)
+        self.model = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config(cfg), module=model)
         bf16 = t.precision == Precision.bf16
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -230,6 +282,7 @@ class GpuEngine:
                             use_distributed_optimizer=True),
             [self.model])
         set_schedule_hooks(transformer_config, self.model, self.optimizer)
+        self.param_gather = ParamGatherHooks(self.model, transformer_config)
 
     def _run(self, micro_batches: list[dict], forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -275,11 +328,17 @@ class GpuEngine:
                     parameters, max_norm=optimizer.config.clip_grad, total_norm=grad_norm,
                     use_decoupled_grad=optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
         self.optimizer.step_with_ready_grads()
+        self.param_gather.after_step()
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict]) -> float:
         self.model.eval()
-        return self._run(micro_batches, forward_only=True)
+        with self.param_gather.gathered():
+            return self._run(micro_batches, forward_only=True)
+
+    def params_gathered(self):
+        """A context in which the module's parameters are the optimizer's latest (checkpoints)."""
+        return self.param_gather.gathered()
 
     def optimizer_sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool) -> dict:
         return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)

@@ -7,7 +7,8 @@ train.iters says so and does nothing.
 
 Before any process group or output exists, ``preflight`` refuses (ConfigError, nothing created):
 an output directory that cannot be written, a fresh run (checkpoint.resume=false) over another
-run's checkpoints, and a resume with another layout, S2 config or model than the checkpoint's.
+run's checkpoints, and a resume with another layout, S2 config or model than the checkpoint's;
+then ``plan.check_fits`` refuses a run whose memory plan exceeds the device's memory.
 Until the first step SIGTERM keeps its default action, so a launch stuck before training (data
 preparation, a hung collective) ends at once; from the first step on, SIGTERM (torchrun, SLURM)
 finishes the current step, saves, and returns. Ctrl-C raises RunInterrupted, which says where the
@@ -123,7 +124,19 @@ def transformer_config(cfg: PretrainConfig) -> TransformerConfig:
         pipeline_model_parallel_size=p.pp, sequence_parallel=p.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
         use_cpu_initialization=t.device == Device.cpu,
-        cuda_graph_scope=[])    # the whole layer; Megatron's default, "full", warns that it is deprecated
+        cuda_graph_scope=[],    # the whole layer; Megatron's default, "full", warns that it is deprecated
+        **recompute_knobs(cfg))
+
+
+def recompute_knobs(cfg: PretrainConfig) -> dict:
+    """model.recompute_* as TransformerConfig fields (recompute_modules None: Megatron's default)."""
+    m = cfg.model
+    knobs = {"recompute_granularity": m.recompute_granularity and m.recompute_granularity.value,
+             "recompute_method": m.recompute_method and m.recompute_method.value,
+             "recompute_num_layers": m.recompute_num_layers}
+    if m.recompute_modules is not None:
+        knobs["recompute_modules"] = list(m.recompute_modules)
+    return knobs
 
 
 def padded_vocab_size(vocab_size: int, cfg: PretrainConfig) -> int:
@@ -178,6 +191,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             f"train.lr_decay_iters is set); for a new run use a new run.dir")
         return {"iteration": resume[1], "loss": None, "val_loss": None, "checkpoint": resume[0],
                 "stopped_by_sigterm": False, "skipped_steps": 0, "complete": True}
+    from .plan import check_fits        # the plan builds on this module's transformer_config
+
+    check_fits(cfg, world_size)         # one line, before any model is built, if it cannot fit the device
     p = cfg.parallel
     say(f"{cfg.run.name}: {'resuming from ' + os.path.basename(resume[0]) if resume else 'starting'} in "
         f"{cfg.run.dir} | world {world_size} = dp {world_size // (p.tp * p.cp * p.pp)} x tp {p.tp} x cp "
@@ -217,7 +233,7 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
         prefixes, cfg.data.weights, list(cfg.data.valid_prefixes), cfg.data.split, tokenizer,
         seq_length=t.seq_length, seed=t.seed, num_train_samples=t.iters * t.global_batch_size,
         num_valid_samples=t.eval_iters * t.global_batch_size if t.eval_interval else 0,
-        cache_dir=cfg.data.cache_dir)
+        cache_dir=cfg.data.cache_dir, eod_mask_loss=cfg.data.eod_mask_loss)
 
     # Model, optimizer, schedule.
     config = transformer_config(cfg)
@@ -227,7 +243,8 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     model = build_gpt_model(config, cfg.attention.s2, cfg.attention.layout, vocab_size=vocab_size,
                             max_sequence_length=t.seq_length, rotary_base=cfg.model.rotary_base,
                             pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
-                            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights)
+                            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
+                            recompute_impl="torch" if device.type == "cpu" else "megatron")
     model.to(device)
     engine = CpuEngine(model, cfg) if device.type == "cpu" else GpuEngine(model, cfg, config)
     scheduler = OptimizerParamScheduler(
@@ -292,9 +309,10 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
         return sum(losses) / len(losses)
 
     def save() -> str:
-        model_sd = engine.module.sharded_state_dict()
-        state = _state(engine, scheduler, model_sd, iteration, consumed, world_size, rank, is_loading=False)
-        return ckpt.save_checkpoint(cfg.checkpoint_dir, iteration, state, meta, cfg.checkpoint.keep_last)
+        with engine.params_gathered():      # overlap_param_gather: parameters gathered before they are read
+            model_sd = engine.module.sharded_state_dict()
+            state = _state(engine, scheduler, model_sd, iteration, consumed, world_size, rank, is_loading=False)
+            return ckpt.save_checkpoint(cfg.checkpoint_dir, iteration, state, meta, cfg.checkpoint.keep_last)
 
     loss = val_loss = None
     saved_at = iteration if path else None

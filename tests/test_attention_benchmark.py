@@ -1,14 +1,16 @@
 """s2attn.benchmark: the SDPA peers compute dense causal attention (against the float64 masked
 reference), pinning a backend that cannot run raises instead of falling back, the packed S2 method
 attends each document on its own, and the FLOPs counted for an S2 layout are those of its computed
-token pairs (within each document when packed)."""
+token pairs (within each document when packed). FlexAttention's block mask, built from the layout's
+block mask, equals ``create_block_mask``'s and attends the S2 token mask."""
 import math
 
 import pytest
 import torch
 
 from s2attn import S2Layout
-from s2attn.benchmark import AttentionShape, attention_flops, packed_shape, s2_packed_fn, sdpa_causal_fn
+from s2attn.benchmark import (AttentionShape, attention_flops, flex_block_mask, packed_shape, s2_packed_fn,
+                              sdpa_causal_fn)
 from s2attn.reference import masked_attention, token_mask
 
 SHAPE = AttentionShape(2, 96, 4, 2, 32, "float32", "cpu")
@@ -53,3 +55,41 @@ def test_packed_method_attends_each_document_alone():
     assert attention_flops(layout, packed_shape(SHAPE, 3))[0] == 4 * SHAPE.head_dim * pairs
     with pytest.raises(ValueError, match="documents"):
         packed_shape(SHAPE, 5)
+
+
+FLEX_LAYOUT = S2Layout(4, 2, block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1, head_sharding="query")
+BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                      "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@pytest.mark.parametrize("seq_len", [96, 88, 16])
+def test_flex_block_mask_equals_create_block_mask(seq_len):
+    """Every tensor of the BlockMask, the full/partial split included, is the one that torch's
+    create_block_mask derives from the oracle's token mask (88: a last query block cut short), and
+    its mask_mod is that token mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    mask = token_mask(FLEX_LAYOUT, seq_len, seq_len, 0, 0, 0, FLEX_LAYOUT.num_heads)
+    ours = flex_block_mask(FLEX_LAYOUT, seq_len, "cpu")
+    theirs = create_block_mask(lambda b, h, q, kv: mask[h, q, kv], None, FLEX_LAYOUT.num_heads, seq_len, seq_len,
+                               device="cpu", BLOCK_SIZE=FLEX_LAYOUT.block_size)
+    for name in BLOCK_MASK_TENSORS:
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+    assert torch.equal(create_mask(ours.mask_mod, None, FLEX_LAYOUT.num_heads, seq_len, seq_len)[0], mask)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")   # eager on purpose: small
+def test_flex_attention_with_the_block_mask_is_s2_attention():
+    """FlexAttention (eager, forward: no CPU backward) over the block mask equals the float64 S2
+    attention of tests' oracle."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    shape = AttentionShape(2, 88, 4, 2, 32, "float32", "cpu")
+    q, k, v = shape.inputs(requires_grad=False)
+    out = flex_attention(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=flex_block_mask(FLEX_LAYOUT, 88, "cpu"),
+                         enable_gqa=True).transpose(1, 2)
+    mask = token_mask(FLEX_LAYOUT, 88, 88, 0, 0, 0, shape.heads)
+    expected, _ = masked_attention(q, k, v, mask, 1 / math.sqrt(shape.head_dim))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -80,10 +80,9 @@ def sdpa_causal_fn(backend: str | None = None):
     return run
 
 
-def flex_attention_fn(layout: S2Layout, seq_len: int, device: str):
-    """A compiled FlexAttention with the S2 block mask (mask granularity = layout.block_size)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
+def flex_mask_mod(layout: S2Layout, device):
+    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of the S2 pattern, token level: key
+    ``kv_idx`` is attended by query ``q_idx`` of query head ``h`` (the layout's global heads)."""
     bs = layout.block_size
     residue, dense = layout.head_pattern(0, layout.num_heads, device)     # per query head
 
@@ -91,8 +90,42 @@ def flex_attention_fn(layout: S2Layout, seq_len: int, device: str):
         i, j = q_idx // bs, kv_idx // bs
         local = (i - j) < layout.local_blocks
         return (kv_idx <= q_idx) & (local | (j % layout.vert_stride == residue[h]) | dense[h])
+    return s2_mask
 
-    block_mask = create_block_mask(s2_mask, None, layout.num_heads, seq_len, seq_len, device=device, BLOCK_SIZE=bs)
+
+def flex_block_mask(layout: S2Layout, seq_len: int, device):
+    """FlexAttention's ``BlockMask`` of the S2 pattern on one causal sequence of ``seq_len`` tokens,
+    per query head ([1, heads, ...]; tiles of ``layout.block_size``), built from the layout's own
+    block mask (``BlockMask.from_kv_blocks``) instead of ``create_block_mask``, which evaluates the
+    mask at every token pair (uncompiled, about 10.6 bytes per [heads, q, kv] element: 170 GiB at
+    32k and 16 heads). A tile strictly below the diagonal whose query block is whole is *full*
+    (every pair attended, no mask_mod call); the diagonal tiles and a last, cut query block are
+    *partial* and use ``flex_mask_mod``'s token-level mask. Equal to ``create_block_mask(
+    flex_mask_mod(layout, device), None, heads, seq_len, seq_len, BLOCK_SIZE=block_size)``
+    (tests/test_attention_benchmark.py); memory O(heads * blocks^2)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs = layout.block_size
+    n = -(-seq_len // bs)
+    active = layout.block_mask(n, n, device=device)                        # [heads, n, n]
+    i = torch.arange(n, device=device)
+    whole_row = ((i + 1) * bs <= seq_len).view(-1, 1)
+    full = active & (i.view(-1, 1) > i.view(1, -1)) & whole_row
+    partial = active & ~full
+
+    def ordered(mask):      # FlexAttention's form: per row the count, then the active columns first, ascending
+        mask = mask.unsqueeze(0).to(torch.int32)
+        indices = torch.argsort(mask, dim=-1, descending=True, stable=True)
+        return mask.sum(-1, dtype=torch.int32), indices.to(torch.int32)
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=bs,
+                                    mask_mod=flex_mask_mod(layout, device), seq_lengths=(seq_len, seq_len))
+
+
+def flex_attention_fn(layout: S2Layout, seq_len: int, device: str):
+    """A compiled FlexAttention with the S2 block mask (``flex_block_mask``); [b, s, h, d] in and out."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = flex_block_mask(layout, seq_len, device)
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def run(q, k, v):

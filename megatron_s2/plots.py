@@ -7,8 +7,9 @@ The trainer draws the layout picture of each run with it; evaluation scripts dra
 - ``plot_speedups``: measured vs FLOPs-predicted speed-up over the baseline layout by sequence
   length, and tokens/s per layout (from ``megatron_s2.benchmark.run_sweep``).
 - ``plot_attention_benchmark``: speed-up of each attention method over dense causal SDPA by
-  sequence length, and forward/backward time per method (per layer kind) at the longest length
-  (from ``scripts/bench_attention.py``'s report).
+  sequence length, and forward/backward time per method at the longest length, a forward-only
+  method marked, under a title with the shape, dtype and block pattern (from
+  ``scripts/bench_attention.py``'s report).
 - ``plot_loss_curves``: training and validation loss of several runs side by side.
 
 Figures are small PNGs (blocky images, low dpi) meant for docs and wandb.
@@ -195,34 +196,63 @@ def plot_speedups(path: str, results: list[dict], dpi: int = 80) -> str:
     return _save(fig, path, dpi)
 
 
+def _attention_title(report: dict) -> str:
+    """What an attention benchmark measured: shape, dtype, device and the S2 block pattern."""
+    run = report["runs"][0]
+    shape, layout = run["shape"], run["layout"]
+    heads = f"h={shape['heads']}" + (f" (kv {shape['kv_heads']})" if shape["kv_heads"] != shape["heads"] else "")
+    window = layout["local_blocks"] * layout["block_size"]
+    pattern = (f"S2: block {layout['block_size']}, {layout['local_blocks']} local blocks ({window} tokens), "
+               f"stride {layout['vert_stride']}" + (" (every block: the dense pattern)" if layout["vert_stride"] == 1 else "")
+               + (f", {layout['num_dense_heads']} dense kv heads" if layout.get("num_dense_heads") else ""))
+    device = report.get("machine", {}).get("device", shape["device"])
+    return f"b={shape['batch']} {heads} d={shape['head_dim']} {shape['dtype']}, causal, on {device}\n{pattern}"
+
+
 def plot_attention_benchmark(path: str, report: dict, dpi: int = 80) -> str:
-    """Left: speed-up over ``sdpa_causal`` by sequence length (forward+backward solid, forward
-    dashed). Right: forward and backward milliseconds per method at the longest length."""
-    runs = report["runs"]
+    """Left: speed-up over the report's reference (dense causal SDPA) by sequence length
+    (forward+backward solid, forward dashed), each method at the lengths it ran. Right: forward and
+    backward milliseconds per method at the longest length. A method without a backward (e.g.
+    FlexAttention on CPU) is labelled "forward only" and its bar hatched, so that its shorter bar is
+    not read as a faster forward+backward. The title gives batch, heads, head dim, dtype, device and
+    the block pattern (from ``scripts/bench_attention.py``'s report)."""
+    runs = [r for r in report["runs"] if r["results"]]
     if not runs:
-        raise ValueError("report must hold at least one run")
+        raise ValueError("report must hold at least one run with results")
     lengths = [r["shape"]["seq_len"] for r in runs]
-    names = list(runs[0]["results"])
-    fig = Figure(figsize=(9.0, 3.6))
+    names = list(dict.fromkeys(name for r in runs for name in r["results"]))
+    forward_only = {name for r in runs for name, t in r["results"].items() if "fwd_bwd_s" not in t}
+    label = {name: f"{name} (forward only)" if name in forward_only else name for name in names}
+    fig = Figure(figsize=(9.0, 4.0))
     speed, times = fig.subplots(1, 2)
     for i, name in enumerate(names):
         color = PALETTE[i % len(PALETTE)]
-        results = [r["results"][name] for r in runs]
         for key, style, what in (("speedup_fwd_bwd_vs_sdpa", "o-", "fwd+bwd"), ("speedup_fwd_vs_sdpa", "x--", "fwd")):
-            if all(key in t for t in results):
-                speed.plot(lengths, [t[key] for t in results], style, color=color, label=f"{name} {what}")
+            points = [(n, r["results"][name][key]) for n, r in zip(lengths, runs) if key in r["results"].get(name, {})]
+            if points:
+                speed.plot(*zip(*points), style, color=color, label=f"{label[name]} {what}")
     _length_axis(speed, lengths)
-    speed.set_ylabel("speed-up over dense causal SDPA", fontsize=8)
+    speed.set_ylabel(f"speed-up over {report.get('reference', 'dense causal SDPA')}", fontsize=8)
     longest = runs[-1]["results"]
-    forward = [longest[n]["forward_s"] * 1e3 for n in names]
-    backward = [longest[n].get("backward_s", 0.0) * 1e3 for n in names]
-    times.bar(names, forward, color=SPARSE_COLOR, label="forward")
-    times.bar(names, backward, bottom=forward, color=DENSE_COLOR, label="backward")
+    shown = [n for n in names if n in longest]
+    forward = [longest[n]["forward_s"] * 1e3 for n in shown]
+    backward = [longest[n].get("backward_s", 0.0) * 1e3 for n in shown]
+    bars = times.bar(range(len(shown)), forward, color=SPARSE_COLOR, label="forward")
+    times.bar(range(len(shown)), backward, bottom=forward, color=DENSE_COLOR, label="backward")
+    for bar, name in zip(bars, shown):
+        if name in forward_only:
+            bar.set_hatch("//")
+            bar.set_edgecolor("white")
+            times.annotate("forward only:\nno backward", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                           xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=6)
+    times.set_xticks(range(len(shown)), [label[n].replace(" (", "\n(") for n in shown])
     times.set_ylabel(f"ms per attention layer at {lengths[-1]} tokens", fontsize=8)
+    times.margins(y=0.15)
     for ax in (speed, times):
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
+    fig.suptitle(_attention_title(report), fontsize=8)
     fig.tight_layout()
     return _save(fig, path, dpi)
 

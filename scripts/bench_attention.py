@@ -22,7 +22,9 @@ blocks.
 shared machine: laptop, CI runner, shared node).
 
 Prints a table and writes JSON (every timing, density, speed-up over the reference, TFLOP/s on the
-blocks each method computes) and a figure (speed-up by length, time per method at the longest length).
+blocks each method computes), rewritten after each length so that a run stopped part way (a time
+limit's SIGINT) keeps the lengths it finished, and a figure (speed-up by length, time per method at
+the longest length, a forward-only method marked as such).
 """
 from __future__ import annotations
 
@@ -120,6 +122,14 @@ def _row(seq_len: int, name: str, timing: dict) -> str:
             f"{ratio('speedup_fwd_bwd_vs_sdpa')} {ratio('speedup_fwd_vs_sdpa')} {tf:8.3f}")
 
 
+def _write(path: Path, report: dict) -> None:
+    """The report so far, replacing the file whole (written beside it, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2))
+    partial.replace(path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
@@ -170,20 +180,20 @@ def main(argv=None) -> int:
                 print(_row(seq_len, name, timing))
             report["runs"].append(describe(layout, shape) | {"results": results, "errors": errors})
             failed |= bool(errors)
+            _write(args.json, report)
     memory_seq = preset["memory_seq_len"] if args.memory_seq_len is None else args.memory_seq_len
     if memory_seq:
         backend = "triton" if base.device == "cuda" else "torch"
         peak = peak_memory_bytes(layout, backend, replace(base, seq_len=memory_seq))
         report["peak_memory"] = {"seq_len": memory_seq, "backend": backend, "bytes": peak}
         print(f"# peak memory of one s2_{backend} forward+backward at seq {memory_seq}: {peak / 2**20:.0f} MiB")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+        _write(args.json, report)
     print(f"# wrote {args.json}")
     if args.figure:
-        if all(run["results"] and run["results"].keys() == report["runs"][0]["results"].keys() for run in report["runs"]):
+        if any(run["results"] for run in report["runs"]):
             print(f"# wrote {plot_attention_benchmark(args.figure, report)}")
         else:
-            print("# no figure: not every method ran at every length")
+            print("# no figure: no method ran")
     return 1 if failed else 0
 
 

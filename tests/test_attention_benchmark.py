@@ -2,8 +2,12 @@
 reference), pinning a backend that cannot run raises instead of falling back, the packed S2 method
 attends each document on its own, and the FLOPs counted for an S2 layout are those of its computed
 token pairs (within each document when packed). FlexAttention's block mask, built from the layout's
-block mask, equals ``create_block_mask``'s and attends the S2 token mask."""
+block mask, equals ``create_block_mask``'s and attends the S2 token mask. scripts/bench_attention.py
+writes its report after each length."""
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from s2attn.benchmark import (AttentionShape, attention_flops, flex_block_mask, 
                               sdpa_causal_fn)
 from s2attn.reference import masked_attention, token_mask
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = AttentionShape(2, 96, 4, 2, 32, "float32", "cpu")
 
 
@@ -93,3 +98,29 @@ def test_flex_attention_with_the_block_mask_is_s2_attention():
     mask = token_mask(FLEX_LAYOUT, 88, 88, 0, 0, 0, shape.heads)
     expected, _ = masked_attention(q, k, v, mask, 1 / math.sqrt(shape.head_dim))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_report_is_written_after_each_length(tmp_path, monkeypatch):
+    """scripts/bench_attention.py rewrites its JSON after every length, so a run stopped during
+    the second length (here a KeyboardInterrupt: the SIGINT of a time limit) keeps the first."""
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "scripts" / "bench_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = tmp_path / "bench.json"
+    seen = []
+
+    def fake_time_attention(fn, shape, repeats, backward=True):
+        seen.append([run["shape"]["seq_len"] for run in json.loads(report.read_text())["runs"]]
+                    if report.exists() else None)
+        if shape.seq_len == 256:
+            raise KeyboardInterrupt
+        return {"forward_s": 0.1, "backward_s": 0.2, "fwd_bwd_s": 0.3}
+
+    monkeypatch.setattr(bench, "time_attention", fake_time_attention)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--preset", "cpu", "--seq-lens", "128", "256", "--methods", "sdpa_causal", "s2_torch",
+                    "--memory-seq-len", "0", "--json", str(report), "--figure", ""])
+    assert seen == [None, None, [128]]
+    written = json.loads(report.read_text())
+    assert [run["shape"]["seq_len"] for run in written["runs"]] == [128]
+    assert set(written["runs"][0]["results"]) == {"sdpa_causal", "s2_torch"}

@@ -1,19 +1,20 @@
 """GpuEngine, the trainer's Megatron path.
 
 On CPU (Megatron's DDP and schedules need CUDA): the hooks that Megatron's forward-backward
-schedules call are set as Megatron-LM's training loop sets them, and the schedule's pipeline
-buffers come out the size of this rank's hidden states.
+schedules call are set as Megatron-LM's training loop sets them, the schedule's pipeline buffers
+come out the size of this rank's hidden states, the trainer chooses gloo where ranks must share a
+GPU, and the collectives probe checks its results.
 
 On a GPU (marked gpu; tests/multiproc/gpu_engine_worker.py runs the engines): GpuEngine in fp32
-against CpuEngine in one process; dp=2, cp=2 and tp=2 with sequence parallelism, two ranks on the
-one GPU, against one process (NCCL, else gloo; skipped when neither can put two ranks on one
-device); and the tiny recipe through ``pretrain`` in bf16, 30 steps, resumed to 40, against 40
-steps straight.
+against CpuEngine in one process; dp=2, cp=2 and tp=2 with sequence parallelism on two ranks
+(gloo on a one-GPU machine) against one process, each skipped only if a bare process group shows
+that the backend refuses a collective it needs on CUDA tensors; and the tiny recipe through
+``pretrain`` in bf16 with deterministic algorithms, 30 steps, resumed to 40, bit-identical to 40
+steps straight. Every launch has a timeout shorter than the GPU check's per-test limit.
 """
 import inspect
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,14 +25,19 @@ from megatron.core.distributed import DistributedDataParallelConfig, finalize_mo
 from megatron.core.pipeline_parallel.schedules import get_tensor_shapes
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from torchrun import launch, torchrun_command
+
 from megatron_s2.context_parallel import split_batch_for_cp
-from megatron_s2.training import pretrain, validate
-from megatron_s2.training.config import PretrainConfig, compose_config
+from megatron_s2.parallel import process_group_backend
+from megatron_s2.training import loop, validate
+from megatron_s2.training.config import Device, PretrainConfig, compose_config
 from megatron_s2.training.engine import ParamGatherHooks, ddp_config, schedule_shape, set_schedule_hooks
 from megatron_s2.training.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multiproc" / "gpu_engine_worker.py"
+PROBE = REPO / "tests" / "multiproc" / "collectives_probe.py"
+DETERMINISTIC_PRETRAIN = REPO / "tests" / "multiproc" / "deterministic_pretrain.py"
 
 
 class _FakeDDP:
@@ -65,14 +71,17 @@ def test_schedule_hooks_without_overlap():
     inspect.signature(finalize_model_grads).bind([model], None, pg_collection=None, force_all_reduce=False)
 
 
-def test_schedule_hooks_with_overlap():
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
-                                               overlap_param_gather=True, align_param_gather=True)
-    config, model = _config(), _FakeDDP(ddp_config)
+@pytest.mark.parametrize("align_param_gather", [True, False])
+def test_schedule_hooks_with_overlap(align_param_gather):
+    """Megatron-LM sets param_sync_func only when the parameter all-gathers are aligned across
+    pipeline stages (align_param_gather); otherwise each bucket launches its own gather."""
+    ddp = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                        overlap_param_gather=True, align_param_gather=align_param_gather)
+    config, model = _config(), _FakeDDP(ddp)
     set_schedule_hooks(config, model, SimpleNamespace(scale_loss=None))
     assert config.no_sync_func == model.no_sync
     assert config.grad_sync_func == model.start_grad_sync
-    assert config.param_sync_func == model.start_param_sync
+    assert config.param_sync_func == (model.start_param_sync if align_param_gather else None)
 
 
 OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
@@ -165,7 +174,66 @@ def test_pipeline_buffers_are_the_size_of_a_ranks_hidden_states(tp, cp, sequence
     assert shapes == [(local_seq, cfg.train.micro_batch_size, config.hidden_size)]
 
 
+# -- process groups: the backend choice, and the collectives the engines need from it ----------------
+
+@pytest.mark.parametrize("cuda,local_ranks,gpus,backend", [(False, 2, 0, "gloo"), (True, 1, 1, "nccl"),
+                                                           (True, 8, 8, "nccl"), (True, 2, 1, "gloo"),
+                                                           (True, 8, 4, "gloo")])
+def test_process_group_backend(cuda, local_ranks, gpus, backend):
+    """NCCL only where each local rank has a GPU of its own: it refuses two ranks on one device."""
+    assert process_group_backend(cuda, local_ranks, gpus) == backend
+
+
+def test_trainer_puts_two_ranks_on_one_gpu_with_gloo(monkeypatch):
+    """init_distributed under torchrun with 2 local ranks and 1 GPU: gloo, and rank 1 on GPU 0."""
+    chosen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init_process_group(backend, **kwargs):
+        chosen["backend"] = backend
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(loop.dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(loop.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(loop.torch.cuda, "set_device", lambda device: chosen.setdefault("device", device))
+    monkeypatch.setattr(loop.parallel_state, "initialize_model_parallel", lambda **kwargs: (_ for _ in ()).throw(Stop))
+    cfg = PretrainConfig()
+    cfg.train.device = Device.cuda
+    with pytest.raises(Stop):
+        loop.init_distributed(cfg)
+    assert chosen == {"backend": "gloo", "device": torch.device("cuda", 0)}
+
+
+def _probe(out: Path, backend: str, device: str) -> dict:
+    """tests/multiproc/collectives_probe.py on two ranks: {collective: "ok" | the backend's error}."""
+    proc = launch(torchrun_command(PROBE, 2, out, backend, device), SUBPROCESS_TIMEOUT_S, _env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(out.read_text())["collectives"]
+
+
+def test_collectives_probe_on_cpu_tensors(tmp_path):
+    """The probe itself, on a backend that runs every collective: each passes its value check."""
+    assert _probe(tmp_path / "probe.json", "gloo", "cpu") == dict.fromkeys(COLLECTIVES, "ok")
+
+
 # -- on a GPU ------------------------------------------------------------------------------------
+
+SUBPROCESS_TIMEOUT_S = 120
+"""Each launch inside a test; scripts/gpu_check.sh gives a test 150 s and the pytest step 200 s."""
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter_tensor (coalesced)",
+               "all_gather_into_tensor (coalesced)", "all_to_all_single")
+"""What tests/multiproc/collectives_probe.py runs (its docstring says which code calls each)."""
+DP = ("all_reduce", "reduce_scatter_tensor (coalesced)", "all_gather_into_tensor (coalesced)")
+PARALLEL = {"dp2": ("-", DP), "cp2": ("parallel.cp=2", COLLECTIVES),
+            "tp2_sp": ("parallel.tp=2,parallel.sequence_parallel=true",
+                       ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor",
+                        "reduce_scatter_tensor (coalesced)", "all_gather_into_tensor (coalesced)")),
+            "dp2_overlap": (",".join(OVERLAP), DP)}
+"""Each two-rank case: its config overrides and the collectives its engine calls on CUDA tensors."""
+
 
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -173,14 +241,13 @@ def _env() -> dict:
     return env
 
 
-def _worker(out: Path, backend: str, engines: str, parallel: str, precision: str, masked: bool, nproc: int = 1):
-    """(returncode, output tail, the worker's JSON or None)."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, str(WORKER), str(out), backend, engines, parallel, precision,
-                           "1" if masked else "0"], env=_env(), capture_output=True, text=True, timeout=300)
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    return proc.returncode, tail, json.loads(out.read_text()) if proc.returncode == 0 else None
+def _worker(out: Path, engines: str, parallel: str, precision: str, masked: bool, nproc: int = 1) -> dict:
+    """The worker's JSON; fails the test with the output's end if it did not finish."""
+    args = (out, engines, parallel, precision, "1" if masked else "0")
+    command = torchrun_command(WORKER, nproc, *args) if nproc > 1 else [sys.executable, str(WORKER), *map(str, args)]
+    proc = launch(command, SUBPROCESS_TIMEOUT_S, _env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(out.read_text())
 
 
 def _close(got: dict, want: dict, rel: float) -> None:
@@ -192,62 +259,59 @@ def _close(got: dict, want: dict, rel: float) -> None:
 def test_gpu_engine_fp32_equals_cpu_engine(tmp_path):
     """Same model, weights and masked batches, one process: Megatron's DDP, distributed optimizer,
     schedules and loss normalisation give CpuEngine's losses and gradient norms."""
-    code, tail, result = _worker(tmp_path / "out.json", "cpu:gloo,cuda:nccl", "cpu,gpu", "-", "fp32", True)
-    assert code == 0, tail
+    result = _worker(tmp_path / "out.json", "cpu,gpu", "-", "fp32", True)
     _close(result["gpu"], result["cpu"], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "out.json"
-    code, tail, result = _worker(out, "cpu:gloo,cuda:nccl", "gpu", "-", "fp32", False)
-    assert code == 0, tail
-    return result["gpu"]
+    return _worker(tmp_path_factory.mktemp("one") / "out.json", "gpu", "-", "fp32", False)["gpu"]
 
 
-# Errors that say the backend cannot run two ranks on one device (rather than a fault of ours).
-_SHARING_REFUSED = ("Duplicate GPU", "ncclInvalidUsage", "not supported", "Unsupported", "does not support",
-                    "not implemented", "NotImplementedError")
-_REFUSED_BACKENDS: dict[str, str] = {}      # backend -> its refusal, so the next test does not retry it
+@pytest.fixture(scope="module")
+def two_rank_collectives(tmp_path_factory):
+    """What the backend the trainer chooses for two ranks here (gloo on one GPU) runs on CUDA tensors."""
+    backend = process_group_backend(True, 2, torch.cuda.device_count())
+    return backend, _probe(tmp_path_factory.mktemp("probe") / "probe.json", backend, "cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("parallel", ["-", "parallel.cp=2", "parallel.tp=2,parallel.sequence_parallel=true",
-                                      ",".join(OVERLAP)], ids=["dp2", "cp2", "tp2_sp", "dp2_overlap"])
-def test_two_ranks_on_one_gpu_equal_one_process(tmp_path, one_process, parallel):
-    """dp=2, cp=2, or tp=2 with sequence parallelism on two ranks sharing the GPU: gradients are
-    reduced over dp x cp and the norm weights' over TP, so losses and gradient norms equal the
-    single process's (fp32; other GEMM shapes and summation orders allow 1e-3). dp2_overlap: the
-    same with the reduce-scatter overlapped with the backward and the parameter all-gather with
-    the next forward."""
-    for backend in ("cpu:gloo,cuda:nccl", "gloo"):
-        if backend in _REFUSED_BACKENDS:
-            continue
-        code, tail, result = _worker(tmp_path / "out.json", backend, "gpu", parallel, "fp32", False, nproc=2)
-        if code == 0:
-            _close(result["gpu"], one_process, rel=1e-3)
-            return
-        if not any(marker in tail for marker in _SHARING_REFUSED):
-            pytest.fail(f"[{backend}] {tail}")
-        _REFUSED_BACKENDS[backend] = tail[-400:]
-    pytest.skip(f"no backend runs two ranks on one GPU here: {_REFUSED_BACKENDS}")
+@pytest.mark.parametrize("case", list(PARALLEL))
+def test_two_ranks_on_one_gpu_equal_one_process(tmp_path, one_process, two_rank_collectives, case):
+    """dp=2, cp=2, or tp=2 with sequence parallelism on two ranks (sharing the GPU on a one-GPU
+    machine, over gloo): gradients are reduced over dp x cp and the norm weights' over TP, so losses
+    and gradient norms equal the single process's (fp32; other GEMM shapes and summation orders
+    allow 1e-3). dp2_overlap: the same with the reduce-scatter overlapped with the backward and the
+    parameter all-gather with the next forward. Skipped only where the bare process-group probe
+    shows that the backend refuses a collective this case needs; otherwise every failure is the
+    test's."""
+    overrides, needs = PARALLEL[case]
+    backend, collectives = two_rank_collectives
+    refused = {name: collectives[name] for name in needs if collectives[name] != "ok"}
+    if refused:
+        pytest.skip(f"{backend} on CUDA tensors cannot run what {case} needs: {refused}")
+    result = _worker(tmp_path / "out.json", "gpu", overrides, "fp32", False, nproc=2)
+    assert result["backend"] == backend
+    _close(result["gpu"], one_process, rel=1e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [[], OVERLAP], ids=["plain", "overlap"])
 def test_gpu_training_resumes_on_the_straight_runs_losses(tmp_path, overlap):
-    """The tiny recipe on CUDA in bf16 (Megatron DDP, distributed optimizer): 30 steps, saved, then
-    resumed to 40, against 40 steps straight. The two runs' first 30 steps did the same work: if
-    they are bit-identical (deterministic kernels), steps 31-40 must be too; otherwise they agree
-    to bf16 run-to-run noise. With the overlap knobs the checkpoint must hold the parameters of
-    step 30 all-gathered (saves run inside ParamGatherHooks.gathered), or the resumed run starts
-    from stale weights."""
+    """The tiny recipe on CUDA in bf16 (Megatron DDP, distributed optimizer), with torch's
+    deterministic algorithms and a fixed cuBLAS workspace (tests/multiproc/deterministic_pretrain.py,
+    which refuses an op without a deterministic implementation): 30 steps, saved, then resumed to
+    40, against 40 steps straight. The first 30 steps of the two runs are the same work, so they
+    are bit-identical, and then so are steps 31-40. With the overlap knobs the checkpoint must hold
+    the parameters of step 30 all-gathered (saves run inside ParamGatherHooks.gathered), or the
+    resumed run starts from stale weights."""
     def run(run_dir, iters):
         overrides = ["train.device=cuda", "train.precision=bf16", f"train.iters={iters}",
                      "train.lr_decay_iters=40", "train.eval_interval=0", "logging.interval=1",
                      "logging.wandb.mode=disabled", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                      *overlap]
-        pretrain(validate(compose_config(overrides), world_size=1))
+        proc = launch([sys.executable, str(DETERMINISTIC_PRETRAIN), *overrides], SUBPROCESS_TIMEOUT_S, _env())
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
         with open(run_dir / "metrics.jsonl") as f:
             return {r["iteration"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
@@ -255,10 +319,8 @@ def test_gpu_training_resumes_on_the_straight_runs_losses(tmp_path, overlap):
     run(tmp_path / "resumed", 30)
     resumed = run(tmp_path / "resumed", 40)
     assert sorted(resumed) == sorted(straight) == list(range(1, 41))
-    noise = max(abs(resumed[i] - straight[i]) for i in range(1, 31))
-    after = {i: (resumed[i], straight[i]) for i in range(31, 41)}
-    if noise == 0:
-        assert all(a == b for a, b in after.values()), after
-    else:
-        assert all(a == pytest.approx(b, rel=1e-3) for a, b in after.values()), (noise, after)
+    first = {i: (resumed[i], straight[i]) for i in range(1, 31) if resumed[i] != straight[i]}
+    assert not first, f"not deterministic: two runs of the same 30 steps differ at {first}"
+    after = {i: (resumed[i], straight[i]) for i in range(31, 41) if resumed[i] != straight[i]}
+    assert not after, f"the resumed run left the straight run's losses: {after}"
     assert straight[40] < straight[1] - 0.5, straight          # it learns

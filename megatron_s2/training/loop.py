@@ -38,6 +38,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_s2 import FlopsPerToken, build_gpt_model, training_flops_per_token
 from megatron_s2.accelerators import describe as describe_accelerators
 from megatron_s2.context_parallel import cp_exchange_report, split_batch_for_cp
+from megatron_s2.parallel import local_ranks, process_group_backend
 
 from . import checkpoint as ckpt
 from .config import Device, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
@@ -78,9 +79,14 @@ def preflight(cfg: PretrainConfig, world_size: int) -> tuple[str, int] | None:
 
 
 def init_distributed(cfg: PretrainConfig) -> torch.device:
-    """torchrun's environment, or a single-process group with an in-memory store (no port)."""
+    """torchrun's environment, or a single-process group with an in-memory store (no port). On
+    CUDA, local rank r uses GPU r modulo the GPUs there are; NCCL, or gloo when ranks must share a
+    GPU (``process_group_backend``)."""
     cuda = cfg.train.device == Device.cuda
-    backend = "nccl" if cuda else "gloo"
+    gpus = torch.cuda.device_count() if cuda else 0
+    backend = process_group_backend(cuda, local_ranks(), gpus)
+    if cuda and backend == "gloo":
+        say(f"{local_ranks()} ranks on {gpus} GPU(s): gloo instead of NCCL, which cannot put two ranks on one GPU")
     timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
@@ -88,7 +94,7 @@ def init_distributed(cfg: PretrainConfig) -> torch.device:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     device = torch.device("cpu")
     if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % gpus)   # validate: gpus >= 1
         torch.cuda.set_device(device)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp,

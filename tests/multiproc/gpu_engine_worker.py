@@ -1,13 +1,14 @@
 """GPU worker: a few optimizer steps of a tiny hybrid model through the trainer's engines on fixed
 random batches; writes each engine's per-step losses and gradient norms.
 
-    python gpu_engine_worker.py OUT.json BACKEND ENGINES - PRECISION MASKED            (one process)
-    torchrun --standalone --nproc_per_node=2 gpu_engine_worker.py OUT.json BACKEND gpu PARALLEL fp32 0
+    python gpu_engine_worker.py OUT.json ENGINES - PRECISION MASKED            (one process)
+    torchrun --standalone --nproc_per_node=2 gpu_engine_worker.py OUT.json gpu PARALLEL fp32 0
 
-BACKEND: a torch.distributed backend string ("cpu:gloo,cuda:nccl", "gloo"). ENGINES: "gpu", "cpu"
-or "cpu,gpu" (each builds its own model from the same seed, so both start from the same weights).
-PARALLEL: comma-separated config overrides ("parallel.cp=2", "parallel.tp=2,
-parallel.sequence_parallel=true") or "-". Every rank uses CUDA device 0: ranks may share one GPU.
+ENGINES: "gpu", "cpu" or "cpu,gpu" (each builds its own model from the same seed, so both start
+from the same weights). PARALLEL: comma-separated config overrides ("parallel.cp=2",
+"parallel.tp=2,parallel.sequence_parallel=true") or "-". Process groups come from the trainer's
+``init_distributed``: local rank r on GPU r modulo the GPUs there are, NCCL, or gloo when ranks
+share a GPU.
 Weights are drawn on the CPU and sliced (use_cpu_initialization), so any tp starts from the
 single-process weights. Data parallel size = world size / (tp x cp). The global batch (8
 sequences of 128 tokens; MASKED=1 drops about a third of the tokens from the loss) is cut into
@@ -15,7 +16,6 @@ micro batches of one sequence: data-parallel rank r takes micro batches r, r + d
 trainer's order), each cut for context parallelism in Megatron's order. No learning-rate schedule
 and no weight decay, so the two engines' optimizers see the same settings.
 """
-import datetime
 import json
 import os
 import sys
@@ -30,14 +30,14 @@ from megatron_s2.training import validate
 from megatron_s2.training.config import compose_config
 from megatron_s2.training.data import micro_batch_start
 from megatron_s2.training.engine import CpuEngine, GpuEngine
-from megatron_s2.training.loop import seed_everything, transformer_config
+from megatron_s2.training.loop import init_distributed, seed_everything, transformer_config
 
 SEQ, GLOBAL_BATCH, VOCAB, STEPS = 128, 8, 256, 4
 OVERRIDES = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
              "model.num_query_groups=2", "model.ffn_hidden_size=128", "attention.layout=SD",
              "attention.s2.block_size=16", "attention.s2.local_blocks=2", "attention.s2.vert_stride=2",
              f"train.seq_length={SEQ}", "train.micro_batch_size=1", f"train.global_batch_size={GLOBAL_BATCH}",
-             "train.weight_decay=0.0", "train.device=cuda"]
+             "train.weight_decay=0.0", "train.device=cuda", "parallel.distributed_timeout_minutes=1"]
 
 
 def global_batch(step: int, masked: bool) -> list[dict]:
@@ -72,24 +72,18 @@ def train(cfg, engine_name: str, masked: bool) -> dict:
     return {"loss": losses, "grad_norm": grad_norms}
 
 
-def main(out_path: str, backend: str, engines: str, parallel: str, precision: str, masked: bool) -> None:
-    torch.cuda.set_device(0)
-    timeout = datetime.timedelta(seconds=60)
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+def main(out_path: str, engines: str, parallel: str, precision: str, masked: bool) -> None:
     overrides = [] if parallel == "-" else parallel.split(",")
     cfg = validate(compose_config(OVERRIDES + overrides + [f"train.precision={precision}"]),
-                   world_size=dist.get_world_size())
-    parallel_state.initialize_model_parallel(cfg.parallel.tp, context_parallel_size=cfg.parallel.cp)
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    init_distributed(cfg)
     results = {name: train(cfg, name, masked) for name in engines.split(",")}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"backend": dist.get_backend(), **results}, f, indent=1)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")

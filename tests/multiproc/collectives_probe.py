@@ -16,6 +16,7 @@ The collectives (and who calls them):
 
 Each result is checked against the value it must have; a wrong value is reported as one.
 """
+import contextlib
 import datetime
 import json
 import os
@@ -46,35 +47,29 @@ def probes(rank: int, world: int, device: torch.device) -> dict:
         dist.all_reduce(x)
         _check(x, total(4))
 
+    def twice(collective, outputs, inputs, coalesced: bool):
+        """collective(out, inp) on two pairs: in one _coalescing_manager (as Megatron DDP's buckets), or
+        one call after the other."""
+        with dist._coalescing_manager(async_ops=True) if coalesced else contextlib.nullcontext() as cm:
+            for out, inp in zip(outputs, inputs):
+                collective(out, inp)
+        if coalesced:
+            cm.wait()
+        return outputs
+
     def reduce_scatter(coalesced: bool):
         def run():
             inputs = [values(rank, 2 * world).to(device) for _ in range(2)]
-            outputs = [torch.empty(2, device=device) for _ in range(2)]
-            if coalesced:
-                with dist._coalescing_manager(async_ops=True) as cm:
-                    for out, inp in zip(outputs, inputs):
-                        dist.reduce_scatter_tensor(out, inp)
-                cm.wait()
-            else:
-                for out, inp in zip(outputs, inputs):
-                    dist.reduce_scatter_tensor(out, inp)
-            for out in outputs:
+            for out in twice(dist.reduce_scatter_tensor, [torch.empty(2, device=device) for _ in range(2)], inputs,
+                             coalesced):
                 _check(out, total(2 * world)[2 * rank:2 * rank + 2])
         return run
 
     def all_gather(coalesced: bool):
         def run():
             inputs = [values(rank, 2).to(device) for _ in range(2)]
-            outputs = [torch.empty(2 * world, device=device) for _ in range(2)]
-            if coalesced:
-                with dist._coalescing_manager(async_ops=True) as cm:
-                    for out, inp in zip(outputs, inputs):
-                        dist.all_gather_into_tensor(out, inp)
-                cm.wait()
-            else:
-                for out, inp in zip(outputs, inputs):
-                    dist.all_gather_into_tensor(out, inp)
-            for out in outputs:
+            for out in twice(dist.all_gather_into_tensor, [torch.empty(2 * world, device=device) for _ in range(2)],
+                             inputs, coalesced):
                 _check(out, torch.cat([values(r, 2) for r in range(world)]))
         return run
 

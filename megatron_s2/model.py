@@ -100,13 +100,15 @@ def build_gpt_model(config: TransformerConfig, s2: S2AttentionConfig, layout: st
                     max_sequence_length: int, position_embedding_type: str = "rope",
                     use_te: bool | None = None, pre_process: bool = True, post_process: bool = True,
                     share_embeddings_and_output_weights: bool = False, rotary_base: int = 10000,
+                    rope_scaling: bool = False, rope_scaling_factor: float = 8.0,
                     vp_stage: int | None = None, recompute_impl: str = "megatron") -> GPTModel:
     """A ``GPTModel`` whose layers follow ``layout``, after every check that needs no model.
 
     ``max_sequence_length`` is the training sequence length (a multiple of the S2 block size).
     Without CUDA, ``config.use_cpu_initialization`` must be set (Megatron allocates on the GPU
     otherwise). With ``position_embedding_type="rope"`` the model gets ``PortableRotaryEmbedding``
-    on the device of its parameters.
+    on the device of its parameters. ``rope_scaling``/``rope_scaling_factor`` are Megatron's Llama-3.x
+    RoPE frequency scaling (low/high frequency factors 1 and 4 over 8192 original positions).
 
     Activation recomputation follows ``config.recompute_granularity`` / ``recompute_method`` /
     ``recompute_num_layers`` / ``recompute_modules``. ``recompute_impl="megatron"``: Megatron's
@@ -129,11 +131,12 @@ def build_gpt_model(config: TransformerConfig, s2: S2AttentionConfig, layout: st
                      post_process=post_process,
                      share_embeddings_and_output_weights=share_embeddings_and_output_weights,
                      position_embedding_type=position_embedding_type, rotary_base=rotary_base,
-                     vp_stage=vp_stage)
+                     rope_scaling=rope_scaling, rope_scaling_factor=rope_scaling_factor, vp_stage=vp_stage)
     if position_embedding_type == "rope":
         device = next(model.parameters()).device
         model.rotary_pos_emb = PortableRotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=1.0,
             rotary_interleaved=config.rotary_interleaved, rotary_base=rotary_base,
+            rope_scaling=rope_scaling, rope_scaling_factor=rope_scaling_factor,
             cp_group=model.pg_collection.cp, device=device)
     return model

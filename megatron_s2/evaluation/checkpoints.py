@@ -14,12 +14,11 @@ import torch
 from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
-from megatron_s2 import build_gpt_model
 from megatron_s2.parallel import model_parallel_session
 from megatron_s2.training import checkpoint as ckpt
 from megatron_s2.training.config import Device, PretrainConfig, Precision, validate
 from megatron_s2.training.data import load_tokenizer
-from megatron_s2.training.loop import padded_vocab_size, transformer_config
+from megatron_s2.training.loop import build_model, padded_vocab_size, transformer_config
 
 
 def load_run_config(run_dir: str) -> PretrainConfig:
@@ -32,6 +31,7 @@ def load_run_config(run_dir: str) -> PretrainConfig:
         raise ValueError(f"run {run_dir!r} was trained with parallel.pp={cfg.parallel.pp}; evaluation "
                          "loads pp=1 runs only")
     cfg.data.prefixes, cfg.data.valid_prefixes, cfg.data.weights = [], [], None
+    cfg.checkpoint.init_from = None         # the weights come from the run's own checkpoint
     cfg.parallel.tp = cfg.parallel.cp = 1
     cfg.parallel.sequence_parallel = False
     cfg.train.device, cfg.train.precision = Device.cpu.value, Precision.fp32.value
@@ -50,10 +50,7 @@ def trained_model(run_dir: str):
     with model_parallel_session(1):
         torch.manual_seed(cfg.train.seed)
         vocab_size = padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)
-        model = build_gpt_model(transformer_config(cfg), cfg.attention.s2, cfg.attention.layout,
-                                vocab_size=vocab_size, max_sequence_length=cfg.train.seq_length,
-                                rotary_base=cfg.model.rotary_base,
-                                share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights)
+        model = build_model(cfg, transformer_config(cfg), vocab_size)
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
         model.load_state_dict(state["model"])
         model.eval()

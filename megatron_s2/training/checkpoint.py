@@ -82,11 +82,14 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def check_compatible(saved: dict, current: dict, path: str) -> None:
+def check_compatible(saved: dict, current: dict, path: str, defaults: dict | None = None) -> None:
     """Refuse to resume a run whose layout, S2 config or model shape differs from the checkpoint:
-    a ConfigError on the first key that differs (attention.layout, attention.s2.*, model.*)."""
+    a ConfigError on the first key that differs (attention.layout, attention.s2.*, model.*).
+    ``defaults`` ({"model": {name: value}}) stands in for keys an older checkpoint did not record."""
+    defaults = defaults or {}
     for key, what in (("layout", "attention.layout"), ("s2", "attention.s2"), ("model", "model")):
-        pairs = ([(f"{what}.{name}", saved[key].get(name), value) for name, value in current[key].items()]
+        pairs = ([(f"{what}.{name}", saved[key].get(name, defaults.get(key, {}).get(name)), value)
+                  for name, value in current[key].items()]
                  if isinstance(current[key], dict) else [(what, saved[key], current[key])])
         for name, was, now in pairs:
             if was != now:

@@ -9,11 +9,12 @@ traceback for any exception of the task), so that every refusal, Hydra's own (un
 type, malformed override, unknown recipe) and ``validate``'s or ``pretrain``'s, prints one line on
 stderr, ``error: <key>=<value>: <what is wrong and how to fix it>``, from rank 0 only ($RANK, as
 torchrun sets it; the other ranks print nothing), with exit status 2. ``HYDRA_FULL_ERROR=1`` raises
-instead, with the traceback. Options: ``--config-name NAME`` (``-cn``), ``--cfg job`` (print the
-composed recipe), ``--help``, and ``--plan`` (print the run's memory and speed plan for the target
-machine and exit 0, whether it fits or not; ``megatron_s2.training.plan``) with ``--world-size N``
-(default: one model replica, tp x cp x pp), ``--gpu-memory GIB`` (memory per rank, default 80),
-``--mfu F`` (default 0.4) and ``--vocab-size N`` (when data.tokenizer is not on this machine).
+instead, with the traceback. Options: ``--config-name NAME`` (``-cn``), ``--config-path DIR``
+(``-cp``: recipes outside recipes/), ``--cfg job`` (print the composed recipe), ``--help``, and
+``--plan`` (print the run's memory and speed plan for the target machine and exit 0, whether it fits
+or not; ``megatron_s2.training.plan``) with ``--world-size N`` (default: one model replica, tp x cp x
+pp), ``--gpu-memory GIB`` (memory per rank, default 80), ``--mfu F`` (default 0.4) and
+``--vocab-size N`` (when data.tokenizer is not on this machine).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .config import RECIPES_DIR, STABLE_KEYS, Device, compose_config, schema_key
 from .errors import ConfigError, RunInterrupted
 from .loop import pretrain
 
-USAGE = """usage: python scripts/pretrain.py [--config-name RECIPE] [key=value ...]
+USAGE = """usage: python scripts/pretrain.py [--config-path DIR] [--config-name RECIPE] [key=value ...]
        torchrun --nproc_per_node=N scripts/pretrain.py [--config-name RECIPE] [key=value ...]
 
        python scripts/pretrain.py [--config-name RECIPE] [key=value ...] --plan [--world-size N]
@@ -93,7 +94,8 @@ def _parse(argv: list[str]) -> tuple[str, list[str], bool, bool]:
             if args and args[0] == "job":
                 args.pop(0)
         elif arg.startswith("-"):
-            raise ConfigError("option", arg, "unknown; the options are --config-name, --cfg job, --plan and --help")
+            raise ConfigError("option", arg, "unknown; the options are --config-name, --config-path, --cfg job, "
+                                             "--plan and --help")
         else:
             overrides.append(arg)
     return recipe, overrides, show_help, show_cfg
@@ -147,13 +149,35 @@ def _override_value(overrides: list[str], key: str) -> str:
     return "?"
 
 
-def _composition_error(error: Exception, recipe: str, overrides: list[str]) -> ConfigError | None:
+def _config_path(argv: list[str]) -> tuple[str, list[str]]:
+    """(--config-path DIR or recipes/, the other arguments): Hydra's flag for recipes that live
+    outside recipes/ (a relative DIR is taken from the current directory)."""
+    args, rest, config_path = list(argv), [], RECIPES_DIR
+    while args:
+        arg = args.pop(0)
+        if arg in ("--config-path", "-cp"):
+            if not args:
+                raise ConfigError("--config-path", "", "needs a directory")
+            config_path = args.pop(0)
+        elif arg.startswith(("--config-path=", "-cp=")):
+            config_path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if not os.path.isdir(config_path):
+        raise ConfigError("--config-path", config_path, "is not a directory")
+    return os.path.abspath(config_path), rest
+
+
+def _composition_error(error: Exception, recipe: str, overrides: list[str],
+                       recipes_dir: str = RECIPES_DIR) -> ConfigError | None:
     """Hydra's composition errors as ConfigErrors on the key (the cause carries full_key); None
     for an error of another kind."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     if isinstance(error, MissingConfigException):
-        return ConfigError("--config-name", recipe, "no such recipe; recipes: " + ", ".join(recipes()))
+        where = "" if recipes_dir == RECIPES_DIR else f" in {recipes_dir}"
+        return ConfigError("--config-name", recipe, f"no such recipe{where}; recipes: "
+                           + ", ".join(recipes(recipes_dir)))
     if isinstance(error, OverrideParseException):
         bad = re.search(r"Error parsing override '([^']*)'", str(error))
         text = bad.group(1) if bad else str(error).splitlines()[0]
@@ -214,15 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        recipes_dir, argv = _config_path(argv)
         argv, plan_options = _plan_options(argv)
         recipe, overrides, show_help, show_cfg = _parse(argv)
         if show_help:
             print(help_text())
             return 0
         try:
-            composed = compose_config(overrides, recipe=recipe)
+            composed = compose_config(overrides, recipe=recipe, recipes_dir=recipes_dir)
         except Exception as e:      # Hydra's own errors: map the known kinds, raise anything else
-            refusal = _composition_error(e, recipe, overrides)
+            refusal = _composition_error(e, recipe, overrides, recipes_dir)
             if refusal is None or debug:
                 raise
             raise refusal from e

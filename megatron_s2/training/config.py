@@ -132,6 +132,19 @@ class ModelConfig:
     """With selective recomputation: which parts of each layer, any of core_attn (the core
     attention), mlp, layernorm (the cuda path only for the last two); null means [core_attn], as in
     Megatron (--recompute-modules)."""
+    vocab_size: Optional[int] = None
+    """Rows of the embedding and output layer. None: the tokenizer's vocabulary padded to a multiple
+    of make_vocab_size_divisible_by x parallel.tp. Set: at least the tokenizer's vocabulary and a
+    multiple of parallel.tp (a checkpoint.init_from folder's config.json gives it)."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2; Megatron's add_qkv_bias)."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of the RMSNorms (Megatron's layernorm_epsilon; Hugging Face's rms_norm_eps)."""
+    rope_scaling: bool = False
+    """Llama-3.x RoPE frequency scaling (Megatron's rope_scaling: low and high frequency factors 1
+    and 4 over 8192 original positions)."""
+    rope_scaling_factor: float = 8.0
+    """The scaling factor of rope_scaling (Llama 3.1: 8, Llama 3.2: 32)."""
 
 
 @dataclass
@@ -244,9 +257,10 @@ class DataConfig:
     """train,valid,test split of the blend (ignored when valid_prefixes is set)."""
     valid_prefixes: List[str] = field(default_factory=list)
     """Separate validation datasets; when set, all of data.prefixes is training data."""
-    tokenizer: str = "byte"
+    tokenizer: Optional[str] = None
     """'byte' (built in, no files) or a local Hugging Face tokenizer directory; must match the
-    one the datasets were prepared with."""
+    one the datasets were prepared with. null: the checkpoint.init_from folder when it is set,
+    else 'byte'."""
     cache_dir: str = "${oc.env:MEGATRON_S2_CACHE,'~/.cache/megatron_s2'}"
     """Where the embedded dataset and Megatron's sample indices are cached."""
     loss_token_ids: Optional[List[int]] = None
@@ -290,6 +304,12 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a successful save."""
     resume: bool = True
     """Resume from the newest complete checkpoint in checkpoint.dir when there is one."""
+    init_from: Optional[str] = None
+    """A local Hugging Face checkpoint folder (config.json, safetensors, tokenizer) of
+    LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM, or an export of ours, whose weights
+    start the run (Megatron's habit: weights only, fresh optimizer and schedule, iteration 0; any
+    layout and parallel sizes). The model.* keys it determines must equal its config.json (scripts/
+    convert_hf.py recipe writes them). Ignored once checkpoint.dir holds a checkpoint to resume."""
 
 
 @dataclass
@@ -456,6 +476,15 @@ def _print_note(text: str) -> None:
         print(f"note: {text}", flush=True)
 
 
+def _vocab_size(tokenizer: str) -> int:
+    """The vocabulary of data.tokenizer; a directory that holds no loadable tokenizer is refused."""
+    try:
+        return load_tokenizer(tokenizer).vocab_size
+    except (OSError, ValueError) as e:
+        raise ConfigError("data.tokenizer", tokenizer, "holds no Hugging Face tokenizer that loads: "
+                          + str(e).strip().splitlines()[0]) from e
+
+
 def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
              note: Callable[[str], None] = _print_note, check_environment: bool = True) -> PretrainConfig:
     """Check every combination once and return the typed config with derived fields filled in:
@@ -574,10 +603,24 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
         for i, prefix in enumerate(prefixes if check_environment else ()):
             with _refusals_of(cfg, f"{key}[{i}]"):
                 check_indexed_dataset(prefix, f"{key}[{i}]")
+    if cfg.checkpoint.init_from is not None:
+        cfg.checkpoint.init_from = os.path.abspath(os.path.expanduser(cfg.checkpoint.init_from))
+        require(os.path.isdir(cfg.checkpoint.init_from) or not check_environment, "checkpoint.init_from",
+                cfg.checkpoint.init_from, "must be a local Hugging Face checkpoint folder (config.json, "
+                "*.safetensors, tokenizer)")
+    if d.tokenizer is None:
+        d.tokenizer = cfg.checkpoint.init_from or "byte"
     require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer) or not check_environment, "data.tokenizer",
             d.tokenizer, "must be 'byte' or a local Hugging Face tokenizer directory")
+    if m.vocab_size is not None:
+        require(m.vocab_size % p.tp == 0, "model.vocab_size", m.vocab_size,
+                f"must be a multiple of parallel.tp ({p.tp}); or null to pad the tokenizer's vocabulary")
+        vocab_size = _vocab_size(d.tokenizer) if check_environment else 0
+        require(m.vocab_size >= vocab_size, "model.vocab_size", m.vocab_size,
+                f"must be >= the tokenizer's vocabulary ({vocab_size}, data.tokenizer {d.tokenizer}); or null "
+                "to pad the tokenizer's vocabulary")
     if d.loss_token_ids is not None and check_environment:
-        vocab_size = load_tokenizer(d.tokenizer).vocab_size
+        vocab_size = _vocab_size(d.tokenizer)
         require(len(d.loss_token_ids) > 0 and all(0 <= i < vocab_size for i in d.loss_token_ids),
                  "data.loss_token_ids", d.loss_token_ids,
                  f"must be null or a non-empty list of token ids in [0, {vocab_size}) (data.tokenizer "

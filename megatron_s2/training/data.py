@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -253,9 +254,13 @@ def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
 def default_dataset(cache_dir: str, tokenizer, documents: str = "file") -> str:
     """The embedded default: the standard library's top-level .py files, prepared once and cached,
     one document per file (``documents`` 'file') or per paragraph ('paragraph', see
-    TEXT_DOCUMENTS_RULE). Returns the dataset prefix. Call it on one rank, then barrier."""
+    TEXT_DOCUMENTS_RULE). Returns the dataset prefix, named by the tokenizer (a Hugging Face
+    tokenizer by a hash of its path too). Call it on one rank, then barrier."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    name = "stdlib-py{}.{}-{}".format(*sys.version_info[:2], tokenizer.unique_identifiers["class"])
+    ids = tokenizer.unique_identifiers
+    name = "stdlib-py{}.{}-{}".format(*sys.version_info[:2], ids["class"])
+    if "path" in ids:
+        name += "-" + hashlib.sha1(ids["path"].encode()).hexdigest()[:10]
     prefix = os.path.join(cache_dir, "datasets", name + ("" if documents == "file" else f"-{documents}s"))
     if not os.path.isfile(prefix + ".idx"):
         files = sorted(os.path.join(stdlib, n) for n in os.listdir(stdlib) if n.endswith(".py"))

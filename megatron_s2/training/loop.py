@@ -41,11 +41,12 @@ from megatron_s2.context_parallel import cp_exchange_report, split_batch_for_cp
 from megatron_s2.parallel import local_ranks, process_group_backend
 
 from . import checkpoint as ckpt
-from .config import Device, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
+from .config import Device, ModelConfig, NonFinitePolicy, PretrainConfig, Precision, to_plain_dict
 from .data import (build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start,
                    pack_documents)
 from .engine import CpuEngine, GpuEngine
 from .errors import RunInterrupted, require
+from .init_from import check_init_from, load_init_from
 from .metrics import MetricsLogger, say
 
 
@@ -62,19 +63,23 @@ def preflight(cfg: PretrainConfig, world_size: int) -> tuple[str, int] | None:
     """Every refusal that reads the disk, before any process group, model or output exists (every
     rank checks; nothing is created): run.dir and the checkpoint directory can be written; a fresh
     run (checkpoint.resume=false) does not write over another run's checkpoints; a resumed run has
-    the checkpoint's layout, S2 config and model. Returns (path, iteration) of the checkpoint to
+    the checkpoint's layout, S2 config and model; a fresh run from checkpoint.init_from has its
+    model keys and readable weights of the right shapes. Returns (path, iteration) of the checkpoint to
     resume from, or None."""
     _check_writable("run.dir", cfg.run.dir)
     _check_writable("checkpoint.dir" if cfg.checkpoint.dir else "run.dir", cfg.checkpoint_dir)
     existing = ckpt.complete_checkpoints(cfg.checkpoint_dir)
     if not existing:
+        if cfg.checkpoint.init_from:
+            check_init_from(cfg)
         return None
     iteration, path = existing[-1]
     require(cfg.checkpoint.resume, "checkpoint.resume", False,
             f"{cfg.checkpoint_dir} holds checkpoints (newest {os.path.basename(path)}); use a new run.dir "
             "or checkpoint.dir, or delete them")
     vocab_size = padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)
-    ckpt.check_compatible(ckpt.read_meta(path), run_meta(cfg, world_size, vocab_size), path)
+    ckpt.check_compatible(ckpt.read_meta(path), run_meta(cfg, world_size, vocab_size), path,
+                          defaults={"model": to_plain_dict(ModelConfig())})
     return path, iteration
 
 
@@ -123,7 +128,8 @@ def transformer_config(cfg: PretrainConfig) -> TransformerConfig:
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
         normalization="RMSNorm", gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=False,
+        activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=False, add_qkv_bias=m.add_qkv_bias,
+        layernorm_epsilon=m.layernorm_epsilon,
         hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tp, context_parallel_size=p.cp,
@@ -145,7 +151,25 @@ def recompute_knobs(cfg: PretrainConfig) -> dict:
     return knobs
 
 
+def build_model(cfg: PretrainConfig, config: TransformerConfig, vocab_size: int, pre_process: bool = True,
+                post_process: bool = True, recompute_impl: str = "megatron"):
+    """This rank's GPTModel of a validated config (inside Megatron's model-parallel state), built on
+    ``config`` (``transformer_config(cfg)``: the object whose hooks Megatron's schedules read; see
+    build_gpt_model for ``recompute_impl``)."""
+    m = cfg.model
+    return build_gpt_model(config, cfg.attention.s2, cfg.attention.layout, vocab_size=vocab_size,
+                           max_sequence_length=cfg.train.seq_length, rotary_base=m.rotary_base,
+                           rope_scaling=m.rope_scaling, rope_scaling_factor=m.rope_scaling_factor,
+                           pre_process=pre_process, post_process=post_process,
+                           share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+                           recompute_impl=recompute_impl)
+
+
 def padded_vocab_size(vocab_size: int, cfg: PretrainConfig) -> int:
+    """The model's vocabulary: model.vocab_size when set, else the tokenizer's ``vocab_size`` padded
+    to a multiple of model.make_vocab_size_divisible_by x parallel.tp."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
     multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
     return -(-vocab_size // multiple) * multiple
 
@@ -154,7 +178,7 @@ def run_meta(cfg: PretrainConfig, world_size: int, vocab_size: int) -> dict:
     """What a checkpoint records about the run (resume refuses a different layout/S2/model).
     The model is recorded by its padded vocabulary, not the padding rule, which depends on tp."""
     model = to_plain_dict(cfg.model)
-    del model["make_vocab_size_divisible_by"]
+    del model["make_vocab_size_divisible_by"], model["vocab_size"]
     return {"layout": cfg.attention.layout, "s2": dataclasses.asdict(cfg.attention.s2),
             "model": {**model, "padded_vocab_size": vocab_size},
             "parallel": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "pp": cfg.parallel.pp},
@@ -246,11 +270,10 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg)
     pp_rank, pp_size = (parallel_state.get_pipeline_model_parallel_rank(),
                         parallel_state.get_pipeline_model_parallel_world_size())
-    model = build_gpt_model(config, cfg.attention.s2, cfg.attention.layout, vocab_size=vocab_size,
-                            max_sequence_length=t.seq_length, rotary_base=cfg.model.rotary_base,
-                            pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
-                            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
-                            recompute_impl="torch" if device.type == "cpu" else "megatron")
+    model = build_model(cfg, config, vocab_size, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
+                        recompute_impl="torch" if device.type == "cpu" else "megatron")
+    if cfg.checkpoint.init_from and not (cfg.checkpoint.resume and ckpt.latest_checkpoint(cfg.checkpoint_dir)):
+        load_init_from(model, cfg)     # before the engine: the optimizer copies the weights it starts from
     model.to(device)
     engine = CpuEngine(model, cfg) if device.type == "cpu" else GpuEngine(model, cfg, config)
     scheduler = OptimizerParamScheduler(

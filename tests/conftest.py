@@ -2,7 +2,8 @@
 
 - The ``gpu`` marker skips without CUDA.
 - A test module whose import needs an optional package that is not installed (megatron-core,
-  hydra, omegaconf, wandb: a GPU machine as shipped has none of them) is skipped as a whole, and a
+  hydra, omegaconf, wandb: a GPU machine as shipped has none of them; transformers, safetensors
+  and tokenizers: the ``hf`` extra) is skipped as a whole, and a
   test that imports one while it runs is skipped, with the missing package named. Only a missing
   *top-level* package does this: an ImportError from inside an installed package, or from our own
   code, still fails.
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 OPTIONAL_PACKAGES = {"megatron": "megatron-core", "hydra": "hydra-core", "omegaconf": "omegaconf",
-                     "wandb": "wandb"}
+                     "wandb": "wandb", "transformers": "transformers", "safetensors": "safetensors",
+                     "tokenizers": "tokenizers"}
 """Top-level module -> distribution that provides it."""
 
 

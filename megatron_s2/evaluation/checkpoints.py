@@ -1,9 +1,8 @@
 """Rebuild a trained model from its run directory: the resolved config.yaml that the trainer wrote
 and the newest complete checkpoint, model weights only (no optimizer), in one process (tp=cp=pp=1).
 
-Limits: pp > 1 runs are refused. Runs trained with tp or cp > 1 are loaded into one process
-through Megatron's resharding dist checkpoints (the trainer tests that for tp=2; this module's
-test covers a single-process run only).
+Runs saved at any tp/pp/cp are loaded into one process through Megatron's resharding dist
+checkpoints (tests/test_hf_export.py exports checkpoints saved at tp=2 and at pp=2).
 """
 from __future__ import annotations
 
@@ -27,12 +26,9 @@ def load_run_config(run_dir: str) -> PretrainConfig:
     if not os.path.isfile(path):
         raise ValueError(f"run_dir {run_dir!r} has no config.yaml (is it a run directory?)")
     cfg = OmegaConf.merge(OmegaConf.structured(PretrainConfig), OmegaConf.load(path))
-    if cfg.parallel.pp != 1:
-        raise ValueError(f"run {run_dir!r} was trained with parallel.pp={cfg.parallel.pp}; evaluation "
-                         "loads pp=1 runs only")
     cfg.data.prefixes, cfg.data.valid_prefixes, cfg.data.weights = [], [], None
     cfg.checkpoint.init_from = None         # the weights come from the run's own checkpoint
-    cfg.parallel.tp = cfg.parallel.cp = 1
+    cfg.parallel.tp = cfg.parallel.cp = cfg.parallel.pp = 1
     cfg.parallel.sequence_parallel = False
     cfg.train.device, cfg.train.precision = Device.cpu.value, Precision.fp32.value
     cfg.run.dir = run_dir

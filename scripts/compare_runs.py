@@ -4,7 +4,8 @@
         --labels dense hybrid window --figure runs/compare_quality.png
 
 Each argument is a run directory (or its metrics.jsonl); the first run is the baseline of the
-relative column.
+relative column. ``--offsets`` shifts each run's iterations, e.g. to draw a run started from
+another's checkpoint (checkpoint.init_from) after its parent's steps.
 """
 import argparse
 import json
@@ -24,11 +25,15 @@ def main(argv=None) -> None:
     p.add_argument("--labels", nargs="+", default=None, help="one per run (default: directory names)")
     p.add_argument("--figure", default=os.path.join("runs", "compare_runs.png"), help="PNG output path ('' for none)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
+    p.add_argument("--offsets", nargs="+", type=int, default=None, help="one per run: added to its iterations")
     a = p.parse_args(argv)
-    if a.labels is not None and len(a.labels) != len(a.runs):
-        raise ValueError(f"--labels has {len(a.labels)} entries but {len(a.runs)} runs were given")
+    for name, given in (("--labels", a.labels), ("--offsets", a.offsets)):
+        if given is not None and len(given) != len(a.runs):
+            raise ValueError(f"{name} has {len(given)} entries but {len(a.runs)} runs were given")
     labels = a.labels or [os.path.basename(os.path.normpath(r)) for r in a.runs]
-    runs = {label: read_metrics(path) for label, path in zip(labels, a.runs)}
+    offsets = a.offsets or [0] * len(a.runs)
+    runs = {label: [{**r, "iteration": r["iteration"] + offset} for r in read_metrics(path)]
+            for label, path, offset in zip(labels, a.runs, offsets)}
     rows = summarize(runs)
     print(format_summary(rows))
     if a.json:

@@ -50,3 +50,12 @@ def test_script_prints_the_table_and_writes_the_figure(tmp_path):
                           "--figure", str(figure)], capture_output=True, text=True, timeout=120, check=True)
     assert "-20.00%" in out.stdout
     assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_offsets_shift_a_continued_run_after_its_parent(tmp_path):
+    a = write_run(tmp_path / "a", [{"iteration": 5, "loss": 1.0}])
+    b = write_run(tmp_path / "b", [{"iteration": 2, "loss": 0.9}, {"iteration": 2, "val_loss": 1.1}])
+    table = tmp_path / "table.json"
+    subprocess.run([sys.executable, "scripts/compare_runs.py", a, b, "--offsets", "0", "5", "--figure", "",
+                    "--json", str(table)], capture_output=True, text=True, timeout=120, check=True)
+    assert [row["iteration"] for row in json.loads(table.read_text())] == [5, 7]

@@ -150,3 +150,23 @@ def test_export_from_a_model_parallel_checkpoint_is_identical(exported, parallel
                     str(root / "recipes"), str(tmp_path / "run"))
     assert convert_cli.main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
     _same_tensors(tmp_path / "export", source)
+
+
+def test_s2_layers_read_padding_and_refuse_other_masks():
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from megatron_s2.hf.modeling_s2 import real_token_runs
+
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = sdpa_mask(batch_size=3, q_length=6, kv_length=6, attention_mask=padding, allow_is_causal_skip=False)
+    assert real_token_runs(mask, 3, 6, 6) == [(2, 6), (0, 4), (0, 6)]
+    decode = sdpa_mask(batch_size=3, q_length=1, kv_length=6, q_offset=5, attention_mask=padding, allow_is_causal_skip=False)
+    assert real_token_runs(decode, 3, 1, 6) == [(2, 6), (0, 4), (0, 6)]
+    packed = mask.clone()
+    packed[:, :, 3:, :3] = False                 # two documents in one row
+    with pytest.raises(ValueError, match="causal attention with padding only"):
+        real_token_runs(packed, 3, 6, 6)
+    static = sdpa_mask(batch_size=1, q_length=1, kv_length=8, q_offset=3, mask_function=causal_mask_function,
+                       allow_is_causal_skip=False)            # a StaticCache: slots 4-7 not written yet
+    with pytest.raises(ValueError, match="newest keys"):
+        real_token_runs(static, 1, 1, 8)

@@ -105,3 +105,11 @@ def test_scripts_exit_2_with_one_line(source, tmp_path, script, args, named):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert named in _one_line(proc.stderr)
     assert sorted(os.listdir(tmp_path)) == ["gpt2"]
+
+
+def test_config_path_that_holds_no_such_recipe_is_named(tmp_path, capsys):
+    assert pretrain_cli.main(["--config-path", str(tmp_path / "none"), "--config-name", "r"]) == 2
+    assert _one_line(capsys.readouterr().err) == f"error: --config-path={tmp_path / 'none'}: is not a directory"
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - pretrain_schema\n  - _self_\n")
+    assert pretrain_cli.main(["--config-path", str(tmp_path), "--config-name", "r"]) == 2
+    assert _one_line(capsys.readouterr().err) == f"error: --config-name=r: no such recipe in {tmp_path}; recipes: mine"

@@ -152,3 +152,18 @@ def test_recipe_keys_that_differ_from_config_json_are_refused(llama, tmp_path):
     save_hf_model(mistral, "mistral", layers=1, sliding_window=32)
     with pytest.raises(ConfigError, match=r"^train.seq_length=64: .*sliding_window=32"):
         recipe_config(mistral, "D", tmp_path)
+
+
+def test_checkpoints_saved_before_the_new_model_keys_still_resume():
+    """run.json of a checkpoint saved before vocab_size, add_qkv_bias, layernorm_epsilon and rope_scaling
+    existed: the keys take their defaults, so the same model resumes and another one is refused."""
+    from megatron_s2.training.checkpoint import check_compatible
+    from megatron_s2.training.config import ModelConfig, to_plain_dict
+
+    new_keys = ("add_qkv_bias", "layernorm_epsilon", "rope_scaling", "rope_scaling_factor")
+    current = {"layout": "DS", "s2": {"block_size": 16}, "model": to_plain_dict(ModelConfig())}
+    old = {**current, "model": {k: v for k, v in current["model"].items() if k not in new_keys}}
+    defaults = {"model": to_plain_dict(ModelConfig())}
+    check_compatible(old, current, "ckpt", defaults=defaults)
+    with pytest.raises(ConfigError, match=r"^model.add_qkv_bias=true: ckpt was saved with model.add_qkv_bias=false"):
+        check_compatible(old, {**current, "model": {**current["model"], "add_qkv_bias": True}}, "ckpt", defaults=defaults)

@@ -75,6 +75,18 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def _option(arg: str, args: list[str], name: str, short: str, needs: str) -> str | None:
+    """The value of option ``name`` (or ``short``) when ``arg`` is it: ``--name V`` (V taken from
+    ``args``) or ``--name=V``; None when ``arg`` is another argument."""
+    if arg in (name, short):
+        if not args:
+            raise ConfigError(name, "", f"needs {needs}")
+        return args.pop(0)
+    if arg.startswith((name + "=", short + "=")):
+        return arg.split("=", 1)[1]
+    return None
+
+
 def _parse(argv: list[str]) -> tuple[str, list[str], bool, bool]:
     """(recipe, overrides, --help, --cfg job)."""
     recipe, overrides, show_help, show_cfg = "tiny", [], False, False
@@ -83,12 +95,8 @@ def _parse(argv: list[str]) -> tuple[str, list[str], bool, bool]:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             show_help = True
-        elif arg in ("--config-name", "-cn"):
-            if not args:
-                raise ConfigError("--config-name", "", "needs a recipe name")
-            recipe = args.pop(0)
-        elif arg.startswith(("--config-name=", "-cn=")):
-            recipe = arg.split("=", 1)[1]
+        elif (name := _option(arg, args, "--config-name", "-cn", "a recipe name")) is not None:
+            recipe = name
         elif arg in ("--cfg", "-c"):
             show_cfg = True
             if args and args[0] == "job":
@@ -155,12 +163,8 @@ def _config_path(argv: list[str]) -> tuple[str, list[str]]:
     args, rest, config_path = list(argv), [], RECIPES_DIR
     while args:
         arg = args.pop(0)
-        if arg in ("--config-path", "-cp"):
-            if not args:
-                raise ConfigError("--config-path", "", "needs a directory")
-            config_path = args.pop(0)
-        elif arg.startswith(("--config-path=", "-cp=")):
-            config_path = arg.split("=", 1)[1]
+        if (path := _option(arg, args, "--config-path", "-cp", "a directory")) is not None:
+            config_path = path
         else:
             rest.append(arg)
     if not os.path.isdir(config_path):

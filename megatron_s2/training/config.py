@@ -391,7 +391,7 @@ def compose_config(overrides: list[str] = (), recipe: str = "tiny",
 STABLE_KEYS = ("model.*", "attention.layout", "attention.s2.*", "parallel.tp", "parallel.cp", "parallel.pp",
                "train.iters", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
                "data.reset_attention_mask", "data.reset_position_ids", "run.dir", "checkpoint.dir",
-               "checkpoint.interval", "logging.interval", "logging.wandb.mode")
+               "checkpoint.interval", "checkpoint.init_from", "logging.interval", "logging.wandb.mode")
 
 
 def _field_docs(cls) -> dict[str, str]:

@@ -167,3 +167,14 @@ def test_checkpoints_saved_before_the_new_model_keys_still_resume():
     check_compatible(old, current, "ckpt", defaults=defaults)
     with pytest.raises(ConfigError, match=r"^model.add_qkv_bias=true: ckpt was saved with model.add_qkv_bias=false"):
         check_compatible(old, {**current, "model": {**current["model"], "add_qkv_bias": True}}, "ckpt", defaults=defaults)
+
+
+def test_the_folders_tokenizer_is_the_data_tokenizer_unless_the_recipe_says_otherwise(llama, tmp_path):
+    from megatron_s2.training.config import compose_config, validate
+
+    def tokenizer(*overrides):
+        return validate(compose_config([f"run.dir={tmp_path}/run", *overrides]), world_size=1).data.tokenizer
+
+    assert tokenizer() == "byte"
+    assert tokenizer(f"checkpoint.init_from={llama}") == str(llama)
+    assert tokenizer(f"checkpoint.init_from={llama}", "data.tokenizer=byte") == "byte"

@@ -11,7 +11,6 @@ import contextlib
 import os
 
 import torch
-from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
 from megatron_s2 import build_gpt_model
@@ -54,7 +53,7 @@ def trained_model(run_dir: str):
                                 vocab_size=vocab_size, max_sequence_length=cfg.train.seq_length,
                                 rotary_base=cfg.model.rotary_base,
                                 share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights)
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+        state = ckpt.load_checkpoint(path, {"model": model.sharded_state_dict()})
         model.load_state_dict(state["model"])
         model.eval()
         yield model, cfg, path

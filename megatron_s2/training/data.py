@@ -132,19 +132,22 @@ def _documents(path: str, jsonl_key: str, paragraphs: bool) -> Iterator[str]:
 
 
 class _Progress:
-    """One self-overwriting line on stderr (no dependency)."""
+    """One self-overwriting line on stderr (no dependency) when stderr is a terminal; elsewhere
+    (a log file, a pipe) only its last state, once."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled, self.start, self.last = total, enabled, time.time(), 0.0
+        self.terminal = sys.stderr.isatty()
 
     def update(self, done: int, tokens: int) -> None:
         now = time.time()
-        if self.enabled and (now - self.last > 0.2 or done == self.total):
+        if self.enabled and (done == self.total or (self.terminal and now - self.last > 0.2)):
             self.last = now
             width = 30
             filled = width * done // max(self.total, 1)
             rate = tokens / max(now - self.start, 1e-9)
-            print(f"\rprepare_data [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files, "
+            overwrite = "\r" if self.terminal else ""
+            print(f"{overwrite}prepare_data [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files, "
                   f"{tokens:,} tokens, {rate:,.0f} tok/s", end="" if done < self.total else "\n",
                   file=sys.stderr, flush=True)
 

@@ -13,7 +13,11 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: see docs/BENCHMARKS.md, "A shared CPU"
 
-from megatron_s2.accelerators import quiet_fallback_notices
+from megatron_s2 import sigterm_deferral
+
+sigterm_deferral.defer()        # a refused config exits 2 even if torchrun's SIGTERM comes first
+
+from megatron_s2.accelerators import quiet_fallback_notices  # noqa: E402
 
 quiet_fallback_notices()        # before Megatron is imported; the run states its accelerators once
 

@@ -8,7 +8,9 @@ The recipe is composed with Hydra's compose API instead of ``@hydra.main`` (whic
 traceback for any exception of the task), so that every refusal, Hydra's own (unknown key, wrong
 type, malformed override, unknown recipe) and ``validate``'s or ``pretrain``'s, prints one line on
 stderr, ``error: <key>=<value>: <what is wrong and how to fix it>``, from rank 0 only ($RANK, as
-torchrun sets it; the other ranks print nothing), with exit status 2. ``HYDRA_FULL_ERROR=1`` raises
+torchrun sets it; the other ranks print nothing), with exit status 2 on every rank (torchrun's
+SIGTERM to the slower ranks is held back until the config is accepted,
+``megatron_s2.sigterm_deferral``, and ignored while a refusal is printed). ``HYDRA_FULL_ERROR=1`` raises
 instead, with the traceback. Options: ``--config-name NAME`` (``-cn``), ``--cfg job`` (print the
 composed recipe), ``--help``.
 """
@@ -19,6 +21,7 @@ import glob
 import itertools
 import os
 import re
+import signal
 import sys
 import warnings
 
@@ -146,12 +149,9 @@ def _check_keys(composed) -> None:
 
 
 def _quiet_notices(cpu: bool) -> None:
-    """Hide (by message) third-party warnings a user cannot act on: torch's deprecation notices
-    that Megatron's dist_checkpointing triggers at every resume, and on the CPU path Megatron's
-    advice to set CUDA_DEVICE_MAX_CONNECTIONS (given to every tensor-parallel run)."""
-    warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
-                            category=FutureWarning)
-    warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+    """Hide (by message) a third-party warning a user cannot act on: on the CPU path Megatron's
+    advice to set CUDA_DEVICE_MAX_CONNECTIONS (given to every tensor-parallel run). (torch's
+    notices inside Megatron's dist_checkpointing: ``checkpoint``.)"""
     if cpu:
         warnings.filterwarnings("ignore", message="When using (sequence parallelism|async grad allreduce) it is "
                                                   "recommended to set the environment variable CUDA_DEVICE_MAX")
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if debug:
             raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the other ranks refuse too: exit 2, not -15
         _say_error(f"error: {e}")
         return 2
     except KeyboardInterrupt as e:

@@ -203,17 +203,18 @@ def prepare_dataset(inputs: list[str], output_prefix: str, tokenizer, *, jsonl_k
     return meta
 
 
-def check_indexed_dataset(prefix: str, key: str) -> None:
-    """A ValueError naming ``key`` (the config field, e.g. data.prefixes[0]) and the file when
-    ``prefix``.bin/.idx are missing, truncated, or do not belong together; reads only the .idx
-    header and its last entries, so it is cheap for any dataset size."""
+def check_indexed_dataset(prefix: str, key: str, make: str = "python scripts/prepare_data.py") -> None:
+    """A ValueError naming ``key`` (the config field, e.g. data.prefixes[0]), the file and the
+    command that makes it (``make``) when ``prefix``.bin/.idx are missing, truncated, or do not
+    belong together; reads only the .idx header and its last entries, so it is cheap for any
+    dataset size."""
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (bin_path, idx_path):
         if not os.path.isfile(path):
-            raise ValueError(f"{key} ({prefix!r}): {path} does not exist (make it with scripts/prepare_data.py)")
+            raise ValueError(f"{key} ({prefix!r}): {path} does not exist (make it with {make})")
 
     def bad(what: str) -> ValueError:
-        return ValueError(f"{key} ({prefix!r}): {what}; prepare the dataset again with scripts/prepare_data.py")
+        return ValueError(f"{key} ({prefix!r}): {what}; prepare the dataset again with {make}")
 
     header_size = len(_INDEX_HEADER) + 8 + 1 + 8 + 8
     idx_size, bin_size = os.path.getsize(idx_path), os.path.getsize(bin_path)
@@ -250,7 +251,8 @@ def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
         made_with = json.load(f)["tokenizer"]
     if made_with != tokenizer.unique_identifiers:
         raise ValueError(f"dataset {prefix!r} was prepared with tokenizer {made_with}, but "
-                         f"data.tokenizer gives {tokenizer.unique_identifiers}")
+                         f"data.tokenizer gives {tokenizer.unique_identifiers}; set data.tokenizer to "
+                         "the one the dataset was prepared with ('byte' or its directory)")
 
 
 def default_dataset(cache_dir: str, tokenizer, documents: str = "file") -> str:

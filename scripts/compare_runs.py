@@ -1,10 +1,10 @@
 """Loss curves of several training runs side by side and a table of their final losses.
 
-    python scripts/compare_runs.py runs/quality_dense runs/quality_hybrid runs/quality_window \
-        --labels dense hybrid window --figure runs/compare_quality.png
+    python scripts/compare_runs.py runs/quality_dense runs/quality_hybrid --labels dense hybrid
 
 Each argument is a run directory (or its metrics.jsonl); the first run is the baseline of the
-relative column.
+relative column. The training loss is the trainer's logged loss (the mean over each log interval
+of logging.interval steps), the validation loss its validation records.
 """
 import argparse
 import json
@@ -24,6 +24,7 @@ def main(argv=None) -> None:
     p.add_argument("--labels", nargs="+", default=None, help="one per run (default: directory names)")
     p.add_argument("--figure", default=os.path.join("runs", "compare_runs.png"), help="PNG output path ('' for none)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
+    p.add_argument("--title", default=None, help="the figure's title (default: 'loss of' and the labels)")
     a = p.parse_args(argv)
     if a.labels is not None and len(a.labels) != len(a.runs):
         raise ValueError(f"--labels has {len(a.labels)} entries but {len(a.runs)} runs were given")
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
             json.dump(rows, f, indent=1)
     if a.figure:
         os.makedirs(os.path.dirname(os.path.abspath(a.figure)), exist_ok=True)
-        print(f"wrote {plot_loss_curves(a.figure, runs)}")
+        print(f"wrote {plot_loss_curves(a.figure, runs, title=a.title)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python scripts/pretrain.py                          # the embedded default: tiny recipe on CPU
     python scripts/pretrain.py --help                   # recipes and stable keys
-    torchrun --nproc_per_node=2 scripts/pretrain.py     # the same recipe, data parallel
+    torchrun --nproc_per_node=2 scripts/pretrain.py run.dir=runs/tiny_dp2   # the same recipe, data parallel
     torchrun --nproc_per_node=8 scripts/pretrain.py --config-name=llama_1p3b_32k run.dir=/ckpt/run1
 
 Every output goes under run.dir (resolved config, metrics.jsonl, checkpoints, wandb files). A

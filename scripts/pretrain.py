@@ -24,4 +24,7 @@ quiet_fallback_notices()        # before Megatron is imported; the run states it
 from megatron_s2.training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 2:             # refused: torchrun's SIGTERM (another rank refused first) keeps it 2
+        sigterm_deferral.ignore()
+    sys.exit(status)

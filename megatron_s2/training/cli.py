@@ -9,10 +9,9 @@ traceback for any exception of the task), so that every refusal, Hydra's own (un
 type, malformed override, unknown recipe) and ``validate``'s or ``pretrain``'s, prints one line on
 stderr, ``error: <key>=<value>: <what is wrong and how to fix it>``, from rank 0 only ($RANK, as
 torchrun sets it; the other ranks print nothing), with exit status 2 on every rank (torchrun's
-SIGTERM to the slower ranks is held back until the config is accepted,
-``megatron_s2.sigterm_deferral``, and ignored while a refusal is printed). ``HYDRA_FULL_ERROR=1`` raises
-instead, with the traceback. Options: ``--config-name NAME`` (``-cn``), ``--cfg job`` (print the
-composed recipe), ``--help``.
+SIGTERM to the slower ranks is held back while they refuse too: ``megatron_s2.sigterm_deferral``).
+``HYDRA_FULL_ERROR=1`` raises instead, with the traceback. Options: ``--config-name NAME``
+(``-cn``), ``--cfg job`` (print the composed recipe), ``--help``.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import glob
 import itertools
 import os
 import re
-import signal
 import sys
 import warnings
 
@@ -189,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if debug:
             raise
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the other ranks refuse too: exit 2, not -15
         _say_error(f"error: {e}")
         return 2
     except KeyboardInterrupt as e:

@@ -173,8 +173,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     sigterm_deferral.release()      # the config is accepted (scripts/pretrain.py deferred SIGTERM)
     device = init_distributed(cfg)
     try:
-        path = agreed_checkpoint(cfg)           # every rank resumes at one iteration (several nodes)
-        check_shared_dirs(cfg)
+        try:
+            path = agreed_checkpoint(cfg)           # every rank resumes at one iteration (several nodes)
+            check_shared_dirs(cfg)
+        except ConfigError:
+            sigterm_deferral.defer()            # every rank refuses: each exits 2, none -15 by torchrun
+            raise
         if path is not None and resume[1] >= cfg.train.iters:
             say(complete_message(cfg, ckpt.read_meta(path), path))
             return {"iteration": resume[1], "loss": None, "val_loss": None, "checkpoint": path,

@@ -164,7 +164,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     ``stopping.StopConditions``, or None), "skipped_steps"} (skipped in this launch; "complete":
     True when the checkpoint had already reached train.iters and nothing was done).
 
-    Raises ConfigError (refused before anything is created, see ``preflight``) and RunInterrupted
+    Raises ConfigError (refused before anything is created: ``preflight``; or on every rank before
+    the first step, with the markers removed: ``shared_dirs``) and RunInterrupted
     (Ctrl-C, saying where the run stopped). Until the first step SIGTERM keeps its default action
     (the process ends at once: nothing to save yet, even inside a hung dataset build)."""
     launched = time.time()

@@ -26,6 +26,11 @@ from s2attn import S2Layout
 
 EXCHANGES = ("sparse", "all_gather")
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn that they are deprecated);
+# the GPU machine's torch 2.11 has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class CPGeometry:
@@ -165,7 +170,7 @@ class _AllGatherKV(torch.autograd.Function):
         ctx.geo, ctx.group = geo, group
         # Collectives concatenate along dim 0: [cp * b, ...], viewed as [cp, b, ...].
         gathered = kv_local.new_empty((geo.cp_size * kv_local.shape[0],) + kv_local.shape[1:])
-        dist.all_gather_into_tensor(gathered, kv_local.contiguous(), group=group)
+        _all_gather_single(gathered, kv_local.contiguous(), group=group)
         gathered = gathered.view((geo.cp_size,) + kv_local.shape)
         full = kv_local.new_empty(kv_local.shape[0], geo.seq_len, *kv_local.shape[2:])
         for rank in range(geo.cp_size):
@@ -177,7 +182,7 @@ class _AllGatherKV(torch.autograd.Function):
         geo = ctx.geo
         per_rank = torch.cat([_take_local(grad_full, geo, rank) for rank in range(geo.cp_size)])
         grad_local = per_rank.new_empty((per_rank.shape[0] // geo.cp_size,) + per_rank.shape[1:])
-        dist.reduce_scatter_tensor(grad_local, per_rank, group=ctx.group)
+        _reduce_scatter_single(grad_local, per_rank, group=ctx.group)
         return grad_local, None, None
 
 

@@ -128,7 +128,7 @@ def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_head
     cmap = ListedColormap(_viridis(len(heads))).with_extremes(under="#d62728", bad="white")
     image = ax.imshow(masked, cmap=cmap, interpolation="nearest", vmin=0.5, vmax=len(heads) + 0.5)
     bar = bottom.colorbar(image, ax=ax, extend="min")
-    bar.ax.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    bar.set_ticks(_count_ticks(len(heads)))
     bar.set_label(f"{unit} computing the block (red: none)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     ax.set_title(f"union over heads, first {shown} blocks: {coverage:.0%} of causal blocks covered", fontsize=9)
@@ -151,6 +151,14 @@ def plot_layout(path: str, *, s2: S2AttentionConfig, num_heads: int, num_kv_head
                            f"{s2.local_blocks} blocks, stride {s2.vert_stride}; {num_heads} heads / "
                            f"{num_kv_heads} kv groups"), fontsize=10)
     return {"path": _save(fig, path, dpi), "densities": densities, "coverage": coverage}
+
+
+def _count_ticks(n: int) -> list[int]:
+    """Ticks of a colour scale whose colours are the whole counts 1..n: each count up to 8, else
+    1, n and round counts between."""
+    if n <= 8:
+        return list(range(1, n + 1))
+    return sorted({1, n} | {int(t) for t in MaxNLocator(nbins=8, integer=True).tick_values(1, n) if 1 < t < n})
 
 
 def _block_axes(ax, labels: bool) -> None:
@@ -257,23 +265,47 @@ def plot_attention_benchmark(path: str, report: dict, dpi: int = 80) -> str:
     return _save(fig, path, dpi)
 
 
-def plot_loss_curves(path: str, runs: dict[str, list[dict]], dpi: int = 80) -> str:
-    """Training loss (left) and validation loss (right) against iteration, one line per run;
-    ``runs`` maps a label to that run's metrics.jsonl records."""
+LOSS_SPAN = 0.05
+"""A loss panel's y axis spans at least this fraction of its largest loss, so that differences
+smaller than that (noise, for a language model's loss) do not fill the panel."""
+
+
+def _loss_limits(values: list[float]) -> tuple[float, float]:
+    """y limits around ``values`` spanning at least LOSS_SPAN of the largest, plus a margin."""
+    low, high = min(values), max(values)
+    span = max(high - low, LOSS_SPAN * abs(high))
+    middle = (low + high) / 2
+    return middle - 0.55 * span, middle + 0.55 * span
+
+
+def plot_loss_curves(path: str, runs: dict[str, list[dict]], title: str | None = None, dpi: int = 80) -> str:
+    """Training loss (left: the trainer's logged loss, the mean over each log interval) and
+    validation loss (right) against iteration, one line per run; ``runs`` maps a label to that
+    run's metrics.jsonl records. Both panels share the iteration axis from 0, and each loss axis
+    spans at least LOSS_SPAN of its largest loss (a single validation point per run is not
+    magnified into a steep picture of noise)."""
     if not runs:
         raise ValueError("runs must hold at least one run")
-    fig = Figure(figsize=(9.0, 3.6))
-    train, valid = fig.subplots(1, 2)
-    for label, records in runs.items():
+    fig = Figure(figsize=(9.0, 3.8), layout="constrained")
+    train, valid = fig.subplots(1, 2, sharex=True)
+    last = 0
+    for i, (label, records) in enumerate(runs.items()):
+        color = PALETTE[i % len(PALETTE)]
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "val_loss" in r]
-        train.plot([r["iteration"] for r in steps], [r["loss"] for r in steps], label=label)
-        valid.plot([r["iteration"] for r in evals], [r["val_loss"] for r in evals], "o-", label=label)
-    for ax, name in ((train, "training loss"), (valid, "validation loss")):
+        train.plot([r["iteration"] for r in steps], [r["loss"] for r in steps], color=color, label=label)
+        valid.plot([r["iteration"] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, label=label)
+        last = max([last] + [r["iteration"] for r in records])
+    for ax, name in ((train, "training loss (mean of each log interval)"), (valid, "validation loss")):
+        values = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if values:
+            ax.set_ylim(*_loss_limits(values))
+        ax.set_xlim(0, max(last, 1) * 1.04)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
         ax.set_xlabel("iteration", fontsize=8)
         ax.set_ylabel(name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(title or "training and validation loss of " + ", ".join(runs), fontsize=10)
     return _save(fig, path, dpi)

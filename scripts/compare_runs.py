@@ -1,11 +1,12 @@
 """Loss curves of several training runs side by side and a table of their final losses.
 
-    python scripts/compare_runs.py runs/quality_dense runs/quality_hybrid runs/quality_window \
-        --labels dense hybrid window --figure runs/compare_quality.png
+    python scripts/compare_runs.py runs/quality_dense runs/quality_hybrid --labels dense hybrid
 
 Each argument is a run directory (or its metrics.jsonl); the first run is the baseline of the
-relative column. ``--offsets`` shifts each run's iterations, e.g. to draw a run started from
-another's checkpoint (checkpoint.init_from) after its parent's steps.
+relative column. The training loss is the trainer's logged loss (the mean over each log interval
+of logging.interval steps), the validation loss its validation records. ``--offsets`` shifts each
+run's iterations, e.g. to draw a run started from another's checkpoint (checkpoint.init_from) after
+its parent's steps.
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ def main(argv=None) -> None:
     p.add_argument("--figure", default=os.path.join("runs", "compare_runs.png"), help="PNG output path ('' for none)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     p.add_argument("--offsets", nargs="+", type=int, default=None, help="one per run: added to its iterations")
+    p.add_argument("--title", default=None, help="the figure's title (default: 'loss of' and the labels)")
     a = p.parse_args(argv)
     for name, given in (("--labels", a.labels), ("--offsets", a.offsets)):
         if given is not None and len(given) != len(a.runs):
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
             json.dump(rows, f, indent=1)
     if a.figure:
         os.makedirs(os.path.dirname(os.path.abspath(a.figure)), exist_ok=True)
-        print(f"wrote {plot_loss_curves(a.figure, runs)}")
+        print(f"wrote {plot_loss_curves(a.figure, runs, title=a.title)}")
 
 
 if __name__ == "__main__":

@@ -21,18 +21,27 @@ from megatron_s2.evaluation.retrieval import RecallTask, evaluate_recall, format
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="write train/valid indexed datasets of recall documents")
-    gen.add_argument("--out", default="data/retrieval")
-    gen.add_argument("--seq-length", type=int, default=RecallTask.seq_length)
-    gen.add_argument("--num-keys", type=int, default=RecallTask.num_keys)
-    gen.add_argument("--num-values", type=int, default=RecallTask.num_values)
-    gen.add_argument("--num-train", type=int, default=8000)
-    gen.add_argument("--num-valid", type=int, default=64)
-    gen.add_argument("--seed", type=int, default=0)
-    ev = sub.add_parser("evaluate", help="accuracy by distance of a run's newest checkpoint")
-    ev.add_argument("run_dir")
+    about = "write train/valid indexed datasets of recall documents (and task.json, the task's shape)"
+    gen = sub.add_parser("generate", help=about, description=about[0].upper() + about[1:] + "; train on them "
+                         "with the retrieval_* recipes, which read data/retrieval by default.")
+    gen.add_argument("--out", default="data/retrieval", help="output folder (default data/retrieval)")
+    gen.add_argument("--seq-length", type=int, default=RecallTask.seq_length,
+                     help=f"tokens per document, end of document included (default {RecallTask.seq_length})")
+    gen.add_argument("--num-keys", type=int, default=RecallTask.num_keys,
+                     help=f"keys per document, each bound once and asked once (default {RecallTask.num_keys})")
+    gen.add_argument("--num-values", type=int, default=RecallTask.num_values,
+                     help=f"values a key can take; chance is 1 / this (default {RecallTask.num_values})")
+    gen.add_argument("--num-train", type=int, default=8000, help="training documents (default 8000)")
+    gen.add_argument("--num-valid", type=int, default=64, help="validation documents (default 64)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the training documents; validation uses "
+                                                         "seed + 1 (default 0)")
+    about = "accuracy by distance of a run's newest checkpoint"
+    ev = sub.add_parser("evaluate", help=about, description="Recall accuracy by distance between a key's "
+                        "binding and its question, of a run's newest checkpoint, on fresh documents of the "
+                        "generated task; the report marks the run's S2 local window.")
+    ev.add_argument("run_dir", help="the run directory (config.yaml and checkpoints), e.g. runs/retrieval_hybrid")
     ev.add_argument("--data", default="data/retrieval", help="the generated data (its task.json: the task's shape)")
-    ev.add_argument("--num-documents", type=int, default=64)
+    ev.add_argument("--num-documents", type=int, default=64, help="documents to score (default 64)")
     ev.add_argument("--seed", type=int, default=12345, help="evaluation documents (not the training seeds)")
     ev.add_argument("--json", default=None, help="write the result here")
     a = p.parse_args(argv)

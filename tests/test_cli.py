@@ -22,13 +22,17 @@ from test_train_loop import PRETRAIN, _env
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """A small byte-level dataset and a copy with its .bin cut short."""
+    """A small byte-level dataset, a copy with its .bin cut short, and a copy whose metadata says
+    a Hugging Face tokenizer made it (what scripts/prepare_data.py --tokenizer DIR writes)."""
     root = tmp_path_factory.mktemp("data")
     (root / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
     prepare_dataset([str(root / "a.txt")], str(root / "a"), ByteTokenizer(), progress=False)
-    for ext in (".bin", ".idx", ".json"):
-        shutil.copy(root / f"a{ext}", root / f"cut{ext}")
+    for copy in ("cut", "hf"):
+        for ext in (".bin", ".idx", ".json"):
+            shutil.copy(root / f"a{ext}", root / f"{copy}{ext}")
     os.truncate(root / "cut.bin", os.path.getsize(root / "cut.bin") - 100)
+    meta = json.loads((root / "hf.json").read_text())
+    (root / "hf.json").write_text(json.dumps({**meta, "tokenizer": {"class": "HFTokenizer", "path": "/models/tok"}}))
     return root
 
 
@@ -77,6 +81,9 @@ REFUSALS = [
     ("missing dataset", ["data.prefixes=[/nonexistent/corpus]"], 1,
      "data.prefixes[0]=/nonexistent/corpus: ", ["prepare_data.py"]),
     ("truncated dataset", ["data.prefixes=[{data}/cut]"], 1, "data.prefixes[0]={data}/cut: ", ["truncated"]),
+    ("retrieval data missing", ["--config-name=retrieval_hybrid", "data.prefixes=[{tmp}/none/train]"], 1,
+     "data.prefixes[0]={tmp}/none/train: {tmp}/none/train.bin does not exist (make it with python "
+     "scripts/eval_retrieval.py generate --out data/retrieval)", []),
     ("missing tokenizer", ["data.tokenizer=/nonexistent/tokenizer"], 1, "data.tokenizer=/nonexistent/tokenizer: ",
      ["'byte'"]),
     ("loss ids outside the vocabulary", ["data.loss_token_ids=[65,257]"], 1, "data.loss_token_ids=[65,257]: ",
@@ -96,6 +103,19 @@ REFUSALS = [
      "attention.s2.local_blocks=2: ", ["attention.s2.local_blocks=4"]),
     ("heads leave older blocks unseen", ["attention.s2.vert_stride=4"], 1, "attention.s2.vert_stride=4: ",
      ["attention.s2.allow_uncovered_context=true"]),
+    ("dataset of another tokenizer", ["data.prefixes=[{data}/hf]"], 1,
+     "data.tokenizer=byte: dataset '{data}/hf' was prepared with tokenizer {{'class': 'HFTokenizer'", ["set data.tokenizer"]),
+    ("run.dir that cannot be created", ["run.dir=/proc/megatron_s2/run"], 1,
+     "run.dir=/proc/megatron_s2/run: cannot create a directory in /proc", []),
+    ("another schedule than the checkpoint", ["train.iters=50", "run.dir={tmp}/done"], 1,
+     "train.lr_decay_iters=50: {tmp}/done/checkpoints/iter_0000004 was trained with train.lr_decay_iters=300 (null: "
+     "train.iters)", ["train.use_checkpoint_opt_param_scheduler=true", "train.override_opt_param_scheduler=true"]),
+    ("another data-parallel size than the checkpoint", ["run.dir={tmp}/done"], 2,
+     "train.global_batch_size=16: null makes it micro batch x dp = 8 x 2 here, but {tmp}/done/checkpoints/iter_0000004 "
+     "was trained with a global batch of 8", ["set train.global_batch_size=8 train.micro_batch_size=4"]),
+    ("both schedule choices", ["train.override_opt_param_scheduler=true", "train.use_checkpoint_opt_param_scheduler=true"],
+     1, "train.override_opt_param_scheduler=true: and train.use_checkpoint_opt_param_scheduler=true contradict", []),
+    ("exit interval", ["train.exit_interval=0"], 1, "train.exit_interval=0: must be > 0 or null", []),
 ]
 
 
@@ -131,13 +151,19 @@ def test_debug_switch_raises_with_the_traceback(monkeypatch):
 
 
 def test_rerun_of_a_complete_run_creates_nothing(tmp_path, capsys):
-    """A checkpoint at train.iters: say so and how to continue; exit 0; nothing written."""
+    """A checkpoint at train.iters: say so and how to continue (the command that keeps the schedule,
+    and what the other choice changes: tests/test_console.py runs that command); exit 0; nothing
+    written."""
     run_dir = tmp_path / "done"
     _fake_checkpoint(run_dir, 300)
     before = _snapshot(run_dir)
     assert main([f"run.dir={run_dir}"]) == 0
     out, err = capsys.readouterr()
-    assert f"run.dir {run_dir} is complete" in out and "raise train.iters (e.g. train.iters=600;" in out
+    assert out.startswith(f"run.dir {run_dir} is complete: its checkpoint iter_0000300 is at train.iters=300, "
+                          "nothing to do. To train on with the same schedule (lr 0.0003 from step 301): python "
+                          "scripts/pretrain.py train.iters=600 train.use_checkpoint_opt_param_scheduler=true; with "
+                          "train.override_opt_param_scheduler=true instead, this config's schedule applies from step "
+                          "301 (lr 0.00172 there, decaying over the new train.iters)"), out
     assert err == ""
     assert _snapshot(run_dir) == before
 
@@ -153,7 +179,8 @@ def test_help_lists_recipes_and_stable_keys(capsys):
 
 def test_script_and_torchrun_refuse_in_one_line(tmp_path):
     """The script: exit 2, one line, no traceback, no Megatron notices. Under torchrun (2 ranks)
-    our line appears once (rank 0), whatever torchrun adds about the failed workers."""
+    our line appears once (rank 0), whatever torchrun adds about the failed workers, and every rank
+    exits 2 (torchrun's SIGTERM to the slower one waits for its verdict)."""
     script = subprocess.run([sys.executable, PRETRAIN, "attention.layout=DSXS", f"run.dir={tmp_path}/run"],
                             env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert script.returncode == 2
@@ -164,5 +191,8 @@ def test_script_and_torchrun_refuse_in_one_line(tmp_path):
                                PRETRAIN, "attention.layout=DSXS", f"run.dir={tmp_path}/run"],
                               env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert launched.returncode != 0
-    assert (launched.stdout + launched.stderr).count("error: attention.layout=DSXS") == 1
+    report = launched.stdout + launched.stderr
+    assert report.count("error: attention.layout=DSXS") == 1
+    # torchrun's failure report: both ranks refused (2), none was killed by its SIGTERM (-15).
+    assert report.count("exitcode  : 2 ") == 2 and "exitcode  : -15" not in report, report[-3000:]
     assert not os.path.exists(tmp_path / "run")

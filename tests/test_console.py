@@ -1,8 +1,10 @@
 """What a user sees, and what signals do: a first line while data and model are prepared, the
 accelerator line, one summary line at the end, no third-party notices; a rerun of a finished run
-says so and creates nothing; Ctrl-C is one line saying where the run stopped; SIGTERM before the
+says so, creates nothing, and gives the command that trains on with the same schedule; Ctrl-C is one line saying where the run stopped; SIGTERM before the
 first step ends the process at once (even inside a hung dataset build)."""
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -63,14 +65,28 @@ def test_console_lines_and_a_rerun_of_the_finished_run(tmp_path, cache_dir):
     assert os.path.isdir(offline)
     assert "Warning" not in first.stderr and "warn(" not in first.stderr, first.stderr[-3000:]
 
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert f"| loss {records[-1]['loss']:.4f}" in summary      # "loss" is the logged loss, here too
+
     before = _snapshot(run_dir)
     again = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout == (f"run.dir {run_dir} is complete: its checkpoint iter_0000004 is at train.iters=4, "
-                            "nothing to do. To train further raise train.iters (e.g. train.iters=8; the lr then "
-                            "decays over the new train.iters unless train.lr_decay_iters is set); for a new run "
-                            "use a new run.dir\n")
+    assert again.stdout.startswith(f"run.dir {run_dir} is complete: its checkpoint iter_0000004 is at "
+                                   "train.iters=4, nothing to do. To train on with the same schedule (lr 0.0003 from "
+                                   "step 5): python "), again.stdout
+    assert again.stdout.count("\n") == 1
     assert _snapshot(run_dir) == before          # no new wandb run, no metrics, nothing
+
+    # The command it gives trains on at the checkpoint's schedule: lr_decay_iters 4, so min_lr.
+    given = shlex.split(again.stdout.split("): ", 1)[1].split("; with train.override")[0])
+    assert given[0] == "python" and given[1].endswith("scripts/pretrain.py") and given[-2:] == [
+        "train.iters=8", "train.use_checkpoint_opt_param_scheduler=true"], given
+    on = subprocess.run([sys.executable, PRETRAIN, *given[2:]], env=_env(tmp_path), capture_output=True, text=True,
+                        timeout=300)
+    assert on.returncode == 0, on.stderr[-3000:]
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    assert [r["lr"] for r in records[4:]] == [3e-4] * 4
 
 
 def _ctrl_c_as_in_a_terminal():

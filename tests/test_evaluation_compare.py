@@ -49,6 +49,7 @@ def test_script_prints_the_table_and_writes_the_figure(tmp_path):
     out = subprocess.run([sys.executable, "scripts/compare_runs.py", a, b, "--labels", "A", "B",
                           "--figure", str(figure)], capture_output=True, text=True, timeout=120, check=True)
     assert "-20.00%" in out.stdout
+    assert "train loss: the last logged (the mean over its log interval); val loss: the last validation" in out.stdout
     assert figure.read_bytes()[:4] == b"\x89PNG"
 
 

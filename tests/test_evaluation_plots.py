@@ -4,7 +4,8 @@ import json
 import pytest
 
 from megatron_s2 import S2AttentionConfig
-from megatron_s2.plots import head_coverage, plot_layout, plot_loss_curves, plot_speedups
+from megatron_s2.plots import (LOSS_SPAN, _count_ticks, _loss_limits, head_coverage, plot_layout, plot_loss_curves,
+                               plot_speedups)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,6 +67,17 @@ def test_speedup_and_loss_figures_are_written(tmp_path):
     runs = {"a": [{"iteration": 10, "loss": 3.0}, {"iteration": 20, "loss": 2.5, "val_loss": 2.6}],
             "b": [{"iteration": 10, "loss": 3.1}, {"iteration": 20, "val_loss": 2.7}]}
     assert_small_png(plot_loss_curves(str(tmp_path / "loss.png"), json.loads(json.dumps(runs))))
+
+
+def test_axes_do_not_magnify_noise_and_count_scales_read_at_one_head():
+    """One validation point per run, 2.429 and 2.434: the loss axis spans 5% of the loss, not the
+    0.005 between them; the union panel's colour scale has a tick per count up to 8 (one head: 1)."""
+    low, high = _loss_limits([2.429, 2.434])
+    assert low < 2.429 and high > 2.434 and high - low >= LOSS_SPAN * 2.434
+    assert _loss_limits([5.5, 1.1]) == pytest.approx((1.1 - 0.05 * 4.4, 5.5 + 0.05 * 4.4))
+    assert _count_ticks(1) == [1] and _count_ticks(4) == [1, 2, 3, 4]
+    ticks = _count_ticks(32)
+    assert ticks[0] == 1 and ticks[-1] == 32 and len(ticks) <= 10
 
 
 def test_attention_benchmark_writes_its_report_and_figure(tmp_path):

@@ -2,6 +2,8 @@
 the scorer against oracles, a tiny untrained model, and a checkpoint round trip through the trainer."""
 import random
 
+import warnings
+
 import pytest
 import torch
 
@@ -109,6 +111,11 @@ def test_checkpoint_round_trip_reproduces_the_trainers_validation_loss(tmp_path)
                  f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = validate(compose_config(overrides, recipe="retrieval_dense"), world_size=1)
     result = pretrain(cfg)
+    with warnings.catch_warnings(record=True) as caught:       # pytest.ini's filters do not apply here
+        warnings.simplefilter("always")
+        with trained_model(str(tmp_path / "run")) as (model, loaded, path):
+            pass
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     with trained_model(str(tmp_path / "run")) as (model, loaded, path):
         assert path == result["checkpoint"] and loaded.attention.layout == "SD"
         t = loaded.train

@@ -240,3 +240,14 @@ def test_cli_reports_counts_and_warns_about_small_corpora(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: --input={empty}: inputs ['{empty}'] hold no non-empty documents\n"
     assert not list(tmp_path.glob("out*"))      # nothing written, no temporary file left
+
+
+def test_progress_overwrites_itself_only_on_a_terminal(tmp_path, capsys):
+    """stderr captured (not a terminal, as in a log file): the progress bar's last state once, no
+    carriage returns."""
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(TEXTS[1], encoding="utf-8")
+    prepare_dataset([str(tmp_path)], str(tmp_path / "out" / "corpus"), ByteTokenizer(), suffixes=(".txt",))
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.startswith("prepare_data [") and err.count("\n") == 1, err
+    assert "3/3 files" in err

@@ -214,12 +214,12 @@ def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tmp_path, cache_dir, 
         return save(*args, **kwargs)
 
     run_dir = tmp_path / "run"
-    _run(run_dir, cache_dir, "train.iters=1", "checkpoint.interval=1")
+    _run(run_dir, cache_dir, "train.iters=1", "checkpoint.interval=1", "train.lr_decay_iters=4")
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", interrupted_save)
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a terminal
     try:
         with pytest.raises(KeyboardInterrupt) as info:
-            _run(run_dir, cache_dir, "train.iters=4", "checkpoint.interval=1")
+            _run(run_dir, cache_dir, "train.iters=4", "checkpoint.interval=1", "train.lr_decay_iters=4")
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, inherited)

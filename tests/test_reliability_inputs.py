@@ -1,12 +1,11 @@
 """Bad input: damaged datasets are named in the error (not a crash deep in numpy), the command
 line exits with status 2 and one line before any process group with run.dir left as it was, unwritable output
 directories and a fresh run over old checkpoints are refused, and wandb online without a key
-logs offline after one warning. (Config fields: tests/test_train_config.py.)"""
+logs offline after one line on stderr. (Config fields: tests/test_train_config.py.)"""
 import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -117,15 +116,14 @@ def test_unwritable_checkpoint_dir_is_refused_first(tmp_path, cache_dir):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_wandb_online_without_key_goes_offline_with_one_warning(tmp_path, cache_dir, monkeypatch):
+def test_wandb_online_without_key_goes_offline_with_one_line(tmp_path, cache_dir, monkeypatch, capsys):
     for key in [k for k in os.environ if k.startswith("WANDB_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path))          # no ~/.netrc
     run_dir = tmp_path / "run"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _run(run_dir, cache_dir, "train.iters=1", "train.warmup_iters=0", "logging.wandb.mode=online")
-    ours = [w for w in caught if "wandb" in str(w.message)]
-    assert len(ours) == 1 and "logging offline instead" in str(ours[0].message), [str(w.message) for w in ours]
+    _run(run_dir, cache_dir, "train.iters=1", "train.warmup_iters=0", "logging.wandb.mode=online")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wandb: logging.wandb.mode=online but no wandb API key"), err
+    assert "logging offline instead" in err
     assert any(d.startswith("offline-run-") for d in os.listdir(run_dir / "wandb"))
     assert [i for i, _ in complete_checkpoints(str(run_dir / "checkpoints"))] == [1]

@@ -186,6 +186,7 @@ def test_default_recipe_on_two_processes(tmp_path, cache_dir, parallel):
              *short, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides],
             env=_env(tmp_path), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "FutureWarning" not in result.stderr, result.stderr[-3000:]     # our collectives are current
         return result.stdout
 
     straight = launch(tmp_path / "straight")

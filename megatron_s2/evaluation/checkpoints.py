@@ -10,7 +10,6 @@ import contextlib
 import os
 
 import torch
-from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
 from megatron_s2.parallel import model_parallel_session
@@ -47,7 +46,7 @@ def trained_model(run_dir: str):
         torch.manual_seed(cfg.train.seed)
         vocab_size = padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)
         model = build_model(cfg, transformer_config(cfg), vocab_size)
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+        state = ckpt.load_checkpoint(path, {"model": model.sharded_state_dict()})
         model.load_state_dict(state["model"])
         model.eval()
         yield model, cfg, path

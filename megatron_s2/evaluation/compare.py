@@ -2,8 +2,9 @@
 line: step records with "loss", validation records with "val_loss").
 
 ``summarize`` gives per run the final validation loss (the last validation record), the final
-training loss (the last logged interval mean), the iteration reached and mean tokens/s, and the
-final validation loss relative to the first (baseline) run.
+training loss (the last logged loss: the mean over the log interval that ends there), the
+iteration reached and mean tokens/s, and the final validation loss relative to the first
+(baseline) run. ``format_summary`` says so under its table.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def read_metrics(path: str) -> list[dict]:
         records = [json.loads(line) for line in f if line.strip()]
     if not records:
         raise ValueError(f"run {path!r}: metrics.jsonl holds no records")
-    # A resumed run appends: keep the last record written for each (iteration, kind).
+    # The trainer writes each iteration once; files from before it did repeat the iterations a
+    # resumed run wrote again: keep the last record written for each (iteration, kind).
     latest = {}
     for r in records:
         latest[(r["iteration"], "val_loss" in r)] = r
@@ -54,11 +56,13 @@ def format_summary(rows: list[dict]) -> str:
     def num(value, fmt):
         return format(value, fmt) if value is not None else "-"
     width = max(len("run"), *(len(r["run"]) for r in rows))
-    header = (f"{'run':<{width}} {'iter':>6} {'final train':>11} {'final val':>9} "
-              f"{'vs ' + rows[0]['run'][:12]:>15} {'tokens/s':>9}")
+    header = (f"{'run':<{width}} {'iter':>6} {'train loss':>11} {'val loss':>9} "
+              f"{'val vs ' + rows[0]['run'][:12]:>19} {'tokens/s':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['run']:<{width}} {r['iteration']:>6} {num(r['final_train_loss'], '11.4f')} "
-                     f"{num(r['final_val_loss'], '9.4f')} {num(r['val_loss_vs_first'], '+15.2%')} "
+                     f"{num(r['final_val_loss'], '9.4f')} {num(r['val_loss_vs_first'], '+19.2%')} "
                      f"{num(r['tokens_per_sec'], '9.0f')}")
+    lines.append(f"train loss: the last logged (the mean over its log interval); val loss: the last "
+                 f"validation; val vs {rows[0]['run']}: relative to that run's val loss")
     return "\n".join(lines)

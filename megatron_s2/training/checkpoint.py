@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -136,7 +137,8 @@ def _save_checkpoint(checkpoint_dir: str, iteration: int, sharded_state_dict: di
         os.makedirs(tmp)
     dist.barrier()
     try:
-        dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=SyncTorchDistSaveStrategy())
+        with _quiet_torch_notices():
+            dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=SyncTorchDistSaveStrategy())
         if rank == 0:
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 json.dump({**meta, "iteration": iteration}, f, indent=2)
@@ -175,9 +177,21 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+@contextlib.contextmanager
+def _quiet_torch_notices():
+    """Hide (by message) the deprecation notices of torch that Megatron's dist_checkpointing
+    triggers at every save and load: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
+                                category=FutureWarning)
+        warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_checkpoint(path: str, sharded_state_dict: dict) -> dict:
     """Load into the given template (collective); returns the filled state dict."""
-    return dist_checkpointing.load(sharded_state_dict, path)
+    with _quiet_torch_notices():
+        return dist_checkpointing.load(sharded_state_dict, path)
 
 
 # -- RNG state, one per rank ---------------------------------------------------------------------

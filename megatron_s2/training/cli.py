@@ -8,13 +8,14 @@ The recipe is composed with Hydra's compose API instead of ``@hydra.main`` (whic
 traceback for any exception of the task), so that every refusal, Hydra's own (unknown key, wrong
 type, malformed override, unknown recipe) and ``validate``'s or ``pretrain``'s, prints one line on
 stderr, ``error: <key>=<value>: <what is wrong and how to fix it>``, from rank 0 only ($RANK, as
-torchrun sets it; the other ranks print nothing), with exit status 2. ``HYDRA_FULL_ERROR=1`` raises
-instead, with the traceback. Options: ``--config-name NAME`` (``-cn``), ``--config-path DIR``
-(``-cp``: recipes outside recipes/), ``--cfg job`` (print the composed recipe), ``--help``, and
-``--plan`` (print the run's memory and speed plan for the target machine and exit 0, whether it fits
-or not; ``megatron_s2.training.plan``) with ``--world-size N`` (default: one model replica, tp x cp x
-pp), ``--gpu-memory GIB`` (memory per rank, default 80), ``--mfu F`` (default 0.4) and
-``--vocab-size N`` (when data.tokenizer is not on this machine).
+torchrun sets it; the other ranks print nothing), with exit status 2 on every rank (torchrun's
+SIGTERM to the slower ranks is held back while they refuse too: ``megatron_s2.sigterm_deferral``).
+``HYDRA_FULL_ERROR=1`` raises instead, with the traceback. Options: ``--config-name NAME``
+(``-cn``), ``--config-path DIR`` (``-cp``: recipes outside recipes/), ``--cfg job`` (print the
+composed recipe), ``--help``, and ``--plan`` (print the run's memory and speed plan for the target
+machine and exit 0, whether it fits or not; ``megatron_s2.training.plan``) with ``--world-size N``
+(default: one model replica, tp x cp x pp), ``--gpu-memory GIB`` (memory per rank, default 80),
+``--mfu F`` (default 0.4) and ``--vocab-size N`` (when data.tokenizer is not on this machine).
 """
 from __future__ import annotations
 
@@ -221,12 +222,9 @@ def _check_keys(composed) -> None:
 
 
 def _quiet_notices(cpu: bool) -> None:
-    """Hide (by message) third-party warnings a user cannot act on: torch's deprecation notices
-    that Megatron's dist_checkpointing triggers at every resume, and on the CPU path Megatron's
-    advice to set CUDA_DEVICE_MAX_CONNECTIONS (given to every tensor-parallel run)."""
-    warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
-                            category=FutureWarning)
-    warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+    """Hide (by message) a third-party warning a user cannot act on: on the CPU path Megatron's
+    advice to set CUDA_DEVICE_MAX_CONNECTIONS (given to every tensor-parallel run). (torch's
+    notices inside Megatron's dist_checkpointing: ``checkpoint``.)"""
     if cpu:
         warnings.filterwarnings("ignore", message="When using (sequence parallelism|async grad allreduce) it is "
                                                   "recommended to set the environment variable CUDA_DEVICE_MAX")

@@ -20,7 +20,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, ClassVar, FrozenSet, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_s2 import S2AttentionConfig, resolve_hybrid_layout, validate_hybrid_model
 
-from .data import check_indexed_dataset, load_tokenizer
+from .data import check_dataset_tokenizer, check_indexed_dataset, load_tokenizer
 from .errors import ConfigError, require, show_value
 
 
@@ -238,6 +238,21 @@ class TrainConfig:
     for that step and goes on (the data and the lr schedule advance)."""
     max_consecutive_skips: int = 3
     """With on_non_finite=skip: stop as ``stop`` does once this many steps in a row were skipped."""
+    override_opt_param_scheduler: bool = False
+    """On resume, take this config's schedule (lr, min_lr, warmup_iters, lr_decay_iters,
+    lr_decay_style, weight_decay) instead of the checkpoint's, from the next step on (Megatron's
+    --override-opt_param-scheduler). With neither this nor use_checkpoint_opt_param_scheduler, a
+    resume whose schedule differs from the checkpoint's is refused, naming the key and both values."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, keep the checkpoint's schedule whatever this config says (Megatron's
+    --use-checkpoint-opt_param-scheduler); config.yaml then records the schedule in force."""
+    exit_duration_in_mins: Optional[float] = None
+    """Stop after the first step that ends this many minutes after the launch started: save and
+    exit 0 (Megatron's --exit-duration-in-mins). Set it below a job's time limit by more than a
+    step and a save; rerunning the command resumes. None: no limit."""
+    exit_interval: Optional[int] = None
+    """Stop after every iteration that is a multiple of this: save and exit 0 (Megatron's
+    --exit-interval). None: never."""
 
 
 @dataclass
@@ -261,6 +276,9 @@ class DataConfig:
     """'byte' (built in, no files) or a local Hugging Face tokenizer directory; must match the
     one the datasets were prepared with. null: the checkpoint.init_from folder when it is set,
     else 'byte'."""
+    make_command: str = "python scripts/prepare_data.py"
+    """The command that makes data.prefixes (a recipe whose data another script makes names it
+    here), shown when a dataset is missing or damaged."""
     cache_dir: str = "${oc.env:MEGATRON_S2_CACHE,'~/.cache/megatron_s2'}"
     """Where the embedded dataset and Megatron's sample indices are cached."""
     loss_token_ids: Optional[List[int]] = None
@@ -344,6 +362,9 @@ class DebugConfig:
     the backward pass, before the non-finite check."""
     inject_nan_param: str = "decoder.layers.0.mlp.linear_fc2.weight"
     """The parameter (a name from model.named_parameters()) that gets the NaN gradient."""
+    step_sleep_seconds: float = 0.0
+    """Every training step sleeps this long after its backward pass: a step longer than a
+    launcher's shutdown grace, for the stopping tests."""
 
 
 @dataclass
@@ -359,6 +380,10 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    derived: ClassVar[FrozenSet[str]] = frozenset()
+    """Not a key: the keys that ``validate`` filled in because they were null
+    (train.global_batch_size, train.lr_decay_iters)."""
 
     @property
     def checkpoint_dir(self) -> str:
@@ -490,7 +515,8 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     """Check every combination once and return the typed config with derived fields filled in:
     attention.layout (resolved S/D string), train.global_batch_size (micro x dp when null),
     train.warmup_iters (clamped when it does not fit), train.device / train.precision (never auto),
-    train.lr_decay_iters, run.dir and data.cache_dir (absolute). A refusal raises ConfigError
+    train.lr_decay_iters, run.dir and data.cache_dir (absolute); ``cfg.derived`` names the keys
+    filled in because they were null. A refusal raises ConfigError
     (a ValueError) naming the key and its value; an adjusted value is reported through ``note``
     (default: one ``note:`` line on stdout from rank 0).
 
@@ -520,6 +546,14 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     require(p.distributed_timeout_minutes > 0, "parallel.distributed_timeout_minutes",
              p.distributed_timeout_minutes, "must be > 0")
     require(t.lr >= t.min_lr, "train.lr", t.lr, f"must be >= train.min_lr ({t.min_lr})")
+    for key in ("train.exit_duration_in_mins", "train.exit_interval"):
+        require(_lookup(cfg, key) is None or _lookup(cfg, key) > 0, key, _lookup(cfg, key), "must be > 0 or null")
+    require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
+            "train.override_opt_param_scheduler", True, "and train.use_checkpoint_opt_param_scheduler=true "
+            "contradict each other: take this config's schedule or keep the checkpoint's, not both")
+    require(cfg.debug.step_sleep_seconds >= 0, "debug.step_sleep_seconds", cfg.debug.step_sleep_seconds,
+            "must be >= 0")
+    derived = set()
     if m.num_query_groups is None:
         m.num_query_groups = m.num_attention_heads
     require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
@@ -546,6 +580,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     dp = world_size // model_parallel
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
+        derived.add("train.global_batch_size")
     require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
              t.global_batch_size,
              f"must be a multiple of train.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
@@ -574,6 +609,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     # Schedule: a warmup that does not fit (a short run from the command line) is clamped.
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.iters
+        derived.add("train.lr_decay_iters")
     require(t.lr_decay_iters >= 1, "train.lr_decay_iters", t.lr_decay_iters, "must be >= 1")
     if t.warmup_iters >= t.lr_decay_iters:
         clamped = t.lr_decay_iters // 10
@@ -602,7 +638,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
     for key, prefixes in (("data.prefixes", d.prefixes), ("data.valid_prefixes", d.valid_prefixes)):
         for i, prefix in enumerate(prefixes if check_environment else ()):
             with _refusals_of(cfg, f"{key}[{i}]"):
-                check_indexed_dataset(prefix, f"{key}[{i}]")
+                check_indexed_dataset(prefix, f"{key}[{i}]", d.make_command)
     if cfg.checkpoint.init_from is not None:
         cfg.checkpoint.init_from = os.path.abspath(os.path.expanduser(cfg.checkpoint.init_from))
         require(os.path.isdir(cfg.checkpoint.init_from) or not check_environment, "checkpoint.init_from",
@@ -612,6 +648,11 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
         d.tokenizer = cfg.checkpoint.init_from or "byte"
     require(d.tokenizer == "byte" or os.path.isdir(d.tokenizer) or not check_environment, "data.tokenizer",
             d.tokenizer, "must be 'byte' or a local Hugging Face tokenizer directory")
+    if d.prefixes and check_environment:
+        with _refusals_of(cfg, "data.tokenizer"):
+            tokenizer = load_tokenizer(d.tokenizer)
+            for prefix in list(d.prefixes) + list(d.valid_prefixes):
+                check_dataset_tokenizer(prefix, tokenizer)
     if m.vocab_size is not None:
         require(m.vocab_size % p.tp == 0, "model.vocab_size", m.vocab_size,
                 f"must be a multiple of parallel.tp ({p.tp}); or null to pad the tokenizer's vocabulary")
@@ -631,6 +672,7 @@ def validate(cfg: DictConfig | PretrainConfig, world_size: int | None = None,
         cfg.checkpoint.dir = os.path.abspath(cfg.checkpoint.dir)
     require(cfg.logging.peak_tflops_per_device is None or cfg.logging.peak_tflops_per_device > 0,
              "logging.peak_tflops_per_device", cfg.logging.peak_tflops_per_device, "must be > 0 or null")
+    cfg.derived = frozenset(derived)
     return cfg
 
 

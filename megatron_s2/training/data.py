@@ -133,19 +133,22 @@ def _documents(path: str, jsonl_key: str, paragraphs: bool) -> Iterator[str]:
 
 
 class _Progress:
-    """One self-overwriting line on stderr (no dependency)."""
+    """One self-overwriting line on stderr (no dependency) when stderr is a terminal; elsewhere
+    (a log file, a pipe) only its last state, once."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled, self.start, self.last = total, enabled, time.time(), 0.0
+        self.terminal = sys.stderr.isatty()
 
     def update(self, done: int, tokens: int) -> None:
         now = time.time()
-        if self.enabled and (now - self.last > 0.2 or done == self.total):
+        if self.enabled and (done == self.total or (self.terminal and now - self.last > 0.2)):
             self.last = now
             width = 30
             filled = width * done // max(self.total, 1)
             rate = tokens / max(now - self.start, 1e-9)
-            print(f"\rprepare_data [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files, "
+            overwrite = "\r" if self.terminal else ""
+            print(f"{overwrite}prepare_data [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files, "
                   f"{tokens:,} tokens, {rate:,.0f} tok/s", end="" if done < self.total else "\n",
                   file=sys.stderr, flush=True)
 
@@ -201,17 +204,18 @@ def prepare_dataset(inputs: list[str], output_prefix: str, tokenizer, *, jsonl_k
     return meta
 
 
-def check_indexed_dataset(prefix: str, key: str) -> None:
-    """A ValueError naming ``key`` (the config field, e.g. data.prefixes[0]) and the file when
-    ``prefix``.bin/.idx are missing, truncated, or do not belong together; reads only the .idx
-    header and its last entries, so it is cheap for any dataset size."""
+def check_indexed_dataset(prefix: str, key: str, make: str = "python scripts/prepare_data.py") -> None:
+    """A ValueError naming ``key`` (the config field, e.g. data.prefixes[0]), the file and the
+    command that makes it (``make``) when ``prefix``.bin/.idx are missing, truncated, or do not
+    belong together; reads only the .idx header and its last entries, so it is cheap for any
+    dataset size."""
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (bin_path, idx_path):
         if not os.path.isfile(path):
-            raise ValueError(f"{key} ({prefix!r}): {path} does not exist (make it with scripts/prepare_data.py)")
+            raise ValueError(f"{key} ({prefix!r}): {path} does not exist (make it with {make})")
 
     def bad(what: str) -> ValueError:
-        return ValueError(f"{key} ({prefix!r}): {what}; prepare the dataset again with scripts/prepare_data.py")
+        return ValueError(f"{key} ({prefix!r}): {what}; prepare the dataset again with {make}")
 
     header_size = len(_INDEX_HEADER) + 8 + 1 + 8 + 8
     idx_size, bin_size = os.path.getsize(idx_path), os.path.getsize(bin_path)
@@ -248,7 +252,8 @@ def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
         made_with = json.load(f)["tokenizer"]
     if made_with != tokenizer.unique_identifiers:
         raise ValueError(f"dataset {prefix!r} was prepared with tokenizer {made_with}, but "
-                         f"data.tokenizer gives {tokenizer.unique_identifiers}")
+                         f"data.tokenizer gives {tokenizer.unique_identifiers}; set data.tokenizer to "
+                         "the one the dataset was prepared with ('byte' or its directory)")
 
 
 def default_dataset(cache_dir: str, tokenizer, documents: str = "file") -> str:

@@ -7,14 +7,18 @@ train.iters says so and does nothing.
 
 Before any process group or output exists, ``preflight`` refuses (ConfigError, nothing created):
 an output directory that cannot be written, a fresh run (checkpoint.resume=false) over another
-run's checkpoints, and a resume with another layout, S2 config or model than the checkpoint's;
+run's checkpoints, a resume with another layout, S2 config or model than the checkpoint's, and
+one whose schedule or global batch differs from the checkpoint's without saying which to use;
 then ``plan.check_fits`` refuses a run whose memory plan exceeds the device's memory.
 Until the first step SIGTERM keeps its default action, so a launch stuck before training (data
-preparation, a hung collective) ends at once; from the first step on, SIGTERM (torchrun, SLURM)
-finishes the current step, saves, and returns. Ctrl-C raises RunInterrupted, which says where the
-run stopped. A NaN/Inf loss or gradient norm on any rank is agreed on by all ranks before the
-optimizer step and handled by train.on_non_finite. Collectives time out after
-parallel.distributed_timeout_minutes, so a dead rank fails the job instead of hanging it.
+preparation, a hung collective) ends at once; from the first step on, SIGTERM or SIGUSR1 (torchrun,
+Slurm), train.exit_duration_in_mins and train.exit_interval finish the current step, save, and
+return (``stopping``). Ctrl-C raises RunInterrupted, which says where the run stopped. Before the
+first step every rank checks that it shares run.dir, checkpoint.dir and data.cache_dir with rank 0
+and resumes from the same checkpoint (``shared_dirs``). A NaN/Inf loss or gradient norm on any
+rank is agreed on by all ranks before the optimizer step and handled by train.on_non_finite.
+Collectives time out after parallel.distributed_timeout_minutes, so a dead rank fails the job
+instead of hanging it.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import json
 import math
 import os
 import random
-import signal
+import tempfile
 import time
 
 import numpy as np
@@ -35,7 +39,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
-from megatron_s2 import FlopsPerToken, build_gpt_model, training_flops_per_token
+from megatron_s2 import FlopsPerToken, build_gpt_model, sigterm_deferral, training_flops_per_token
 from megatron_s2.accelerators import describe as describe_accelerators
 from megatron_s2.context_parallel import cp_exchange_report, split_batch_for_cp
 from megatron_s2.parallel import local_ranks, process_group_backend
@@ -45,27 +49,36 @@ from .config import Device, ModelConfig, NonFinitePolicy, PretrainConfig, Precis
 from .data import (build_datasets, default_dataset, get_micro_batch, load_tokenizer, micro_batch_start,
                    pack_documents)
 from .engine import CpuEngine, GpuEngine
-from .errors import RunInterrupted, require
+from .errors import ConfigError, RunInterrupted, require
 from .init_from import check_init_from, load_init_from
 from .metrics import MetricsLogger, say
+from .resume import check_resume, complete_message, run_record
+from .shared_dirs import agreed_checkpoint, check_shared_dirs
+from .stopping import StopConditions
 
 
 def _check_writable(key: str, path: str) -> None:
-    """The nearest existing directory on the way to ``path`` is writable (nothing is created)."""
+    """A directory can be created in the nearest existing directory on the way to ``path``: probed
+    with a temporary directory that is removed at once (permission bits do not tell for root, nor
+    for /proc or a read-only mount)."""
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     require(os.path.isdir(existing), key, path, f"{existing} is not a directory")
-    require(os.access(existing, os.W_OK | os.X_OK), key, path, f"{existing} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".megatron_s2_probe_", dir=existing))
+    except OSError as e:
+        raise ConfigError(key, path, f"cannot create a directory in {existing} ({e.strerror})") from None
 
 
 def preflight(cfg: PretrainConfig, world_size: int) -> tuple[str, int] | None:
     """Every refusal that reads the disk, before any process group, model or output exists (every
     rank checks; nothing is created): run.dir and the checkpoint directory can be written; a fresh
     run (checkpoint.resume=false) does not write over another run's checkpoints; a resumed run has
-    the checkpoint's layout, S2 config and model; a fresh run from checkpoint.init_from has its
-    model keys and readable weights of the right shapes. Returns (path, iteration) of the checkpoint to
-    resume from, or None."""
+    the checkpoint's layout, S2 config and model, and unless the checkpoint is complete its global
+    batch and schedule (``resume.check_resume``, which may replace the schedule in ``cfg``); a fresh
+    run from checkpoint.init_from has its model keys and readable weights of the right shapes.
+    Returns (path, iteration) of the checkpoint to resume from, or None."""
     _check_writable("run.dir", cfg.run.dir)
     _check_writable("checkpoint.dir" if cfg.checkpoint.dir else "run.dir", cfg.checkpoint_dir)
     existing = ckpt.complete_checkpoints(cfg.checkpoint_dir)
@@ -78,8 +91,11 @@ def preflight(cfg: PretrainConfig, world_size: int) -> tuple[str, int] | None:
             f"{cfg.checkpoint_dir} holds checkpoints (newest {os.path.basename(path)}); use a new run.dir "
             "or checkpoint.dir, or delete them")
     vocab_size = padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg)
-    ckpt.check_compatible(ckpt.read_meta(path), run_meta(cfg, world_size, vocab_size), path,
+    meta = ckpt.read_meta(path)
+    ckpt.check_compatible(meta, run_meta(cfg, world_size, vocab_size), path,
                           defaults={"model": to_plain_dict(ModelConfig())})
+    if iteration < cfg.train.iters:
+        check_resume(cfg, meta, path, note=lambda text: say(f"note: {text}"))
     return path, iteration
 
 
@@ -182,56 +198,45 @@ def run_meta(cfg: PretrainConfig, world_size: int, vocab_size: int) -> dict:
     return {"layout": cfg.attention.layout, "s2": dataclasses.asdict(cfg.attention.s2),
             "model": {**model, "padded_vocab_size": vocab_size},
             "parallel": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "pp": cfg.parallel.pp},
-            "world_size": world_size}
-
-
-class _SigtermFlag:
-    """Set by SIGTERM; checked (and agreed on by all ranks) after each step."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.set = True
-
-    def any_rank(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.set else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+            "world_size": world_size, **run_record(cfg)}
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Train; returns {"iteration", "loss", "val_loss", "checkpoint", "stopped_by_sigterm",
-    "skipped_steps"} (skipped in this launch; "complete": True when the checkpoint had already
-    reached train.iters and nothing was done).
+    """Train; returns {"iteration", "loss" (the mean of the last log window, as logged),
+    "val_loss", "checkpoint", "stopped" (why the run stopped before train.iters, see
+    ``stopping.StopConditions``, or None), "skipped_steps"} (skipped in this launch; "complete":
+    True when the checkpoint had already reached train.iters and nothing was done).
 
-    Raises ConfigError (refused before anything is created, see ``preflight``) and RunInterrupted
+    Raises ConfigError (refused before anything is created: ``preflight``; or on every rank before
+    the first step, with the markers removed: ``shared_dirs``) and RunInterrupted
     (Ctrl-C, saying where the run stopped). Until the first step SIGTERM keeps its default action
     (the process ends at once: nothing to save yet, even inside a hung dataset build)."""
+    launched = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     resume = preflight(cfg, world_size)
-    if resume is not None and resume[1] >= cfg.train.iters:
-        say(f"run.dir {cfg.run.dir} is complete: its checkpoint {os.path.basename(resume[0])} is at "
-            f"train.iters={cfg.train.iters}, nothing to do. To train further raise train.iters (e.g. "
-            f"train.iters={2 * resume[1]}; the lr then decays over the new train.iters unless "
-            f"train.lr_decay_iters is set); for a new run use a new run.dir")
-        return {"iteration": resume[1], "loss": None, "val_loss": None, "checkpoint": resume[0],
-                "stopped_by_sigterm": False, "skipped_steps": 0, "complete": True}
-    from .plan import check_fits        # the plan builds on this module's transformer_config
+    if resume is None or resume[1] < cfg.train.iters:
+        from .plan import check_fits    # the plan builds on this module's transformer_config
 
-    check_fits(cfg, world_size)         # one line, before any model is built, if it cannot fit the device
-    p = cfg.parallel
-    say(f"{cfg.run.name}: {'resuming from ' + os.path.basename(resume[0]) if resume else 'starting'} in "
-        f"{cfg.run.dir} | world {world_size} = dp {world_size // (p.tp * p.cp * p.pp)} x tp {p.tp} x cp "
-        f"{p.cp} x pp {p.pp} | preparing data and model ...")
-    say(describe_accelerators(cfg.train.device == Device.cuda))
+        check_fits(cfg, world_size)     # one line, before any model is built, if it cannot fit the device
+    sigterm_deferral.release()      # the config is accepted (scripts/pretrain.py deferred SIGTERM)
     device = init_distributed(cfg)
     try:
-        return _train(cfg, device)
+        try:
+            path = agreed_checkpoint(cfg)           # every rank resumes at one iteration (several nodes)
+            check_shared_dirs(cfg)
+        except ConfigError:
+            sigterm_deferral.defer()            # every rank refuses: each exits 2, none -15 by torchrun
+            raise
+        if path is not None and resume[1] >= cfg.train.iters:
+            say(complete_message(cfg, ckpt.read_meta(path), path))
+            return {"iteration": resume[1], "loss": None, "val_loss": None, "checkpoint": path,
+                    "stopped": None, "skipped_steps": 0, "complete": True}
+        p = cfg.parallel
+        say(f"{cfg.run.name}: {'resuming from ' + os.path.basename(path) if path else 'starting'} in "
+            f"{cfg.run.dir} | world {world_size} = dp {world_size // (p.tp * p.cp * p.pp)} x tp {p.tp} x cp "
+            f"{p.cp} x pp {p.pp} | preparing data and model ...")
+        say(describe_accelerators(cfg.train.device == Device.cuda))
+        return _train(cfg, device, launched, path)
     except RunInterrupted:
         raise
     except KeyboardInterrupt:
@@ -242,7 +247,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         dist.destroy_process_group()
 
 
-def _train(cfg: PretrainConfig, device: torch.device) -> dict:
+def _train(cfg: PretrainConfig, device: torch.device, launched: float, path: str | None) -> dict:
+    """The run from ``path`` (the agreed checkpoint, None for a fresh start) to train.iters or a stop."""
     t = cfg.train
     rank, world_size = dist.get_rank(), dist.get_world_size()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -272,20 +278,22 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
                         parallel_state.get_pipeline_model_parallel_world_size())
     model = build_model(cfg, config, vocab_size, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
                         recompute_impl="torch" if device.type == "cpu" else "megatron")
-    if cfg.checkpoint.init_from and not (cfg.checkpoint.resume and ckpt.latest_checkpoint(cfg.checkpoint_dir)):
+    if cfg.checkpoint.init_from and path is None:
         load_init_from(model, cfg)     # before the engine: the optimizer copies the weights it starts from
     model.to(device)
     engine = CpuEngine(model, cfg) if device.type == "cpu" else GpuEngine(model, cfg, config)
+    # preflight() settled the schedule against the checkpoint's (resume.check_resume).
     scheduler = OptimizerParamScheduler(
         engine.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters,
         lr_decay_steps=t.lr_decay_iters, lr_decay_style=t.lr_decay_style.value,
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.iters, wd_incr_style="constant")
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.iters, wd_incr_style="constant",
+        override_opt_param_scheduler=t.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler)
     flops = training_flops_per_token(config, cfg.attention.layout, cfg.attention.s2, t.seq_length, vocab_size)
 
     # Resume.
     meta = run_meta(cfg, world_size, vocab_size)
     iteration = consumed = 0
-    path = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
     if path is not None:       # preflight() checked that it matches this model
         saved = ckpt.read_meta(path)
         state = _load(path, engine, scheduler, same_world=saved["world_size"] == world_size)
@@ -345,10 +353,10 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
 
     loss = val_loss = None
     saved_at = iteration if path else None
-    stopped = False
+    stopped = None
     skipped = skipped_in_a_row = 0
     first_iteration, started = iteration, time.time()
-    sigterm = _SigtermFlag()
+    stop = StopConditions(cfg, launched)
     try:
         while iteration < t.iters:
             start = time.time()
@@ -356,6 +364,8 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
             batches, documents = global_batch(train_ds, consumed)
             this_step_flops = step_flops(documents)
             loss = engine.forward_backward(batches)
+            if cfg.debug.step_sleep_seconds:
+                time.sleep(cfg.debug.step_sleep_seconds)
             if iteration + 1 in cfg.debug.inject_nan_at_iters and rank == 0:
                 _inject_nan_grad(engine.module, cfg.debug.inject_nan_param)
             grad_norm = engine.grad_norm()
@@ -381,12 +391,12 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
             if valid_ds is not None and (iteration % t.eval_interval == 0 or iteration == t.iters):
                 val_loss = evaluate()
                 log.validation(iteration, val_loss)
-            stopped = sigterm.any_rank(device)
+            stopped = stop.after_step(iteration, device) if iteration < t.iters else None
             if stopped or (cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0):
                 saved_at, last_path = iteration, save()
                 log.message(f"saved {last_path}")
             if stopped:
-                log.message(f"SIGTERM: stopped after iteration {iteration}")
+                log.message(f"{stopped}: stopped after iteration {iteration}")
                 break
         if saved_at != iteration:
             last_path = save()
@@ -396,12 +406,12 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
         raise RunInterrupted(f"interrupted during iteration {iteration + 1} of {t.iters}; rerun the same "
                              "command to resume from " + (newest or "the start (no checkpoint yet)")) from None
     finally:
-        sigterm.restore()
+        stop.restore()
         log.finish()
-    log.summary(steps=iteration - first_iteration, seconds=time.time() - started, loss=loss,
-                val_loss=val_loss, checkpoint=ckpt.latest_checkpoint(cfg.checkpoint_dir), stopped=stopped)
-    return {"iteration": iteration, "loss": loss, "val_loss": val_loss,
-            "checkpoint": ckpt.iter_dir(cfg.checkpoint_dir, iteration), "stopped_by_sigterm": stopped,
+    log.summary(steps=iteration - first_iteration, seconds=time.time() - started, val_loss=val_loss,
+                checkpoint=ckpt.latest_checkpoint(cfg.checkpoint_dir), stopped=stopped)
+    return {"iteration": iteration, "loss": log.logged_loss, "val_loss": val_loss,
+            "checkpoint": ckpt.iter_dir(cfg.checkpoint_dir, iteration), "stopped": stopped,
             "skipped_steps": skipped}
 
 

@@ -1,34 +1,35 @@
 """Run outputs from rank 0: console line, metrics.jsonl, wandb, resolved config, layout picture.
 
-Per log interval one record: iteration, loss (mean over the interval), lr, grad_norm, tokens_per_sec,
+"loss" is the same number everywhere (step line, final line, metrics.jsonl, wandb,
+scripts/compare_runs.py): the mean training loss of the logging.interval steps that end at the
+logged iteration (fewer at the end of a run or launch).
+
+metrics.jsonl holds each iteration once: a launch that resumes from iteration N first drops the
+records after N (written by a launch that stopped after its last checkpoint) and appends its own.
+
+Per log interval one record: iteration, loss, lr, grad_norm, tokens_per_sec,
 tflops_per_device (sparse-aware FLOPs model: only the attention blocks the layout computes; with
 packed documents only each step's within-document blocks),
 tflops_dense_equiv_per_device (the same model counted dense, labelled as such), mfu (from
 tflops_per_device; None without a known peak), step_time, memory_gib (CUDA peak allocated, or
 the process's peak RSS on CPU), eta_s. Validation records carry iteration and val_loss; a step
-skipped for NaN/Inf writes iteration, skipped_steps and skipped_in_a_row (and no loss).
-
-wandb: mode ``auto`` is online only when an API key is configured (WANDB_API_KEY or a netrc
-entry), else offline; ``online`` without a key falls back to offline with one warning; it never
-prompts, and a failing init is reported and skipped.
+skipped for NaN/Inf writes iteration, skipped_steps and skipped_in_a_row (and no loss). wandb
+gets the same records (``wandb_run``).
 """
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import resource
-import secrets
-import sys
 import time
-import warnings
 
 import torch
 import yaml
 
 from ..flops import FlopsPerToken
 from ..plots import plot_layout
-from .config import PretrainConfig, WandbMode, to_plain_dict
+from . import wandb_run
+from .config import PretrainConfig, to_plain_dict
 
 # Dense bf16 peak TFLOP/s of known accelerators (for MFU), matched against the device name.
 PEAK_TFLOPS_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "B200": 2250.0, "L40S": 362.1,
@@ -70,29 +71,6 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB on Linux
 
 
-def _wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return bool(netrc.netrc().authenticators("api.wandb.ai"))
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode(mode: WandbMode) -> str:
-    """The mode handed to wandb.init. Online without an API key would make wandb try to log in
-    (a prompt, or a network wait): it falls back to offline with one warning instead."""
-    chosen = mode.value if mode != WandbMode.auto else os.environ.get("WANDB_MODE") or None
-    if chosen is None:
-        return "online" if _wandb_credentials() else "offline"
-    if chosen == "online" and not _wandb_credentials():
-        warnings.warn("logging.wandb.mode is online but no wandb API key is configured (WANDB_API_KEY "
-                      "or `wandb login`): logging offline instead; `wandb sync` uploads the run later",
-                      stacklevel=2)
-        return "offline"
-    return chosen
-
-
 class MetricsLogger:
     """Console + metrics.jsonl + wandb on rank 0; a no-op elsewhere. ``flops`` (the run's training
     FLOPs per token of a whole, unpacked sequence) goes into the wandb config; the logged TFLOP/s
@@ -100,7 +78,7 @@ class MetricsLogger:
 
     def __init__(self, cfg: PretrainConfig, *, enabled: bool, flops, world_size: int,
                  start_iteration: int) -> None:
-        self.cfg, self.enabled, self.flops, self.world_size = cfg, enabled, flops, world_size
+        self.cfg, self.enabled, self.world_size = cfg, enabled, world_size
         self.peak = peak_tflops_per_device(cfg.logging.peak_tflops_per_device)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.start_iteration = start_iteration
@@ -108,55 +86,30 @@ class MetricsLogger:
         self.window_flops: list[FlopsPerToken] = []
         self.window_time = 0.0
         self.run_start = time.time()
+        self.logged_loss = None     # the loss of the last record written (every rank keeps it)
         self.wandb = None
         self.offline_run = None     # the offline wandb run's directory, known after finish()
         if not enabled:
             return
         os.makedirs(cfg.run.dir, exist_ok=True)
-        self.plain_config = to_plain_dict(cfg)
+        plain_config = to_plain_dict(cfg)
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(self.plain_config, f, sort_keys=False)
+            yaml.safe_dump(plain_config, f, sort_keys=False)
+        history = _records_up_to(os.path.join(cfg.run.dir, "metrics.jsonl"), start_iteration)
         self.jsonl = open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a")
         self.pattern_path = os.path.join(cfg.run.dir, "attention_pattern.png")
         m = cfg.model
         plot_layout(self.pattern_path, s2=cfg.attention.s2, num_heads=m.num_attention_heads,
                     num_kv_heads=m.num_query_groups, layout=cfg.attention.layout, seq_length=cfg.train.seq_length)
-        self._start_wandb()
-
-    def _start_wandb(self) -> None:
-        mode = wandb_mode(self.cfg.logging.wandb.mode)
-        if mode == "disabled":
-            return
-        try:
-            import wandb
-            id_path = os.path.join(self.cfg.run.dir, "wandb_id.txt")
-            if not os.path.isfile(id_path):     # a resumed run continues the same wandb run
-                with open(id_path, "w") as f:
-                    f.write(secrets.token_hex(4))
-            with open(id_path) as f:
-                run_id = f.read().strip()
-            self.wandb = wandb.init(
-                project=self.cfg.logging.wandb.project, entity=self.cfg.logging.wandb.entity,
-                name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir, mode=mode,
-                config={**self.plain_config, "flops_per_token": self.flops.sparse,
-                        "flops_per_token_dense_equivalent": self.flops.dense_equivalent},
-                settings=wandb.Settings(console="off", silent=True, init_timeout=90))
-            self.wandb.summary["attention/layout"] = self.cfg.attention.layout
-            try:
-                self.wandb.log({"attention/pattern": wandb.Image(self.pattern_path)},
-                               step=self.start_iteration)
-            except Exception:   # wandb.Image needs Pillow; the PNG stays in run.dir
-                pass
-        except Exception as e:
-            print(f"wandb disabled: {type(e).__name__}: {e}", file=sys.stderr)
-            self.wandb = None
+        self.wandb = wandb_run.start(cfg, {**plain_config, "flops_per_token": flops.sparse,
+                                           "flops_per_token_dense_equivalent": flops.dense_equivalent},
+                                     history, self.pattern_path, start_iteration)
 
     def _write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "iteration" and v is not None},
-                           step=record["iteration"])
+            wandb_run.log(self.wandb, record)
 
     def step(self, iteration: int, loss: float, lr: float, grad_norm: float, step_time: float,
              flops: FlopsPerToken) -> None:
@@ -167,6 +120,7 @@ class MetricsLogger:
         self.window_time += step_time
         if iteration % self.cfg.logging.interval and iteration != self.cfg.train.iters:
             return
+        self.logged_loss = sum(self.window_losses) / len(self.window_losses)
         if self.enabled:
             self._log_window(iteration, lr, grad_norm)
         self.window_losses, self.window_flops, self.window_time = [], [], 0.0
@@ -182,7 +136,7 @@ class MetricsLogger:
         mfu = tflops / self.peak if self.peak else None
         elapsed = time.time() - self.run_start
         eta = elapsed / (iteration - self.start_iteration) * (self.cfg.train.iters - iteration)
-        record = {"iteration": iteration, "loss": sum(self.window_losses) / steps, "lr": lr,
+        record = {"iteration": iteration, "loss": self.logged_loss, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                   "tflops_per_device": tflops, "tflops_dense_equiv_per_device": tflops_dense,
                   "mfu": mfu, "step_time": mean_step, "memory_gib": memory_gib(), "eta_s": eta}
@@ -214,17 +168,18 @@ class MetricsLogger:
             return
         self.jsonl.close()
         if self.wandb is not None:
-            self.offline_run = self.wandb.settings.sync_dir if self.wandb.settings.mode == "offline" else None
-            self.wandb.finish()
+            self.offline_run = wandb_run.finish(self.wandb)
 
-    def summary(self, *, steps: int, seconds: float, loss: float | None, val_loss: float | None,
-                checkpoint: str | None, stopped: bool) -> None:
+    def summary(self, *, steps: int, seconds: float, val_loss: float | None, checkpoint: str | None,
+                stopped: str | None) -> None:
         """The run's last console line (after ``finish``): steps and tokens of this launch, wall
-        time, final losses, and where the checkpoint, metrics, picture and wandb run are."""
+        time, the last logged loss and validation loss, why it stopped early (``stopped``) and where
+        the checkpoint, metrics, picture and wandb run are."""
         if not self.enabled:
             return
         t = self.cfg.train
-        parts = [f"{'stopped by SIGTERM' if stopped else 'done'}: {steps} steps, "
+        loss = self.logged_loss
+        parts = [f"{f'stopped ({stopped})' if stopped else 'done'}: {steps} steps, "
                  f"{steps * self.tokens_per_step:,} tokens in {_duration(seconds)}"
                  + (f" | loss {loss:.4f}" if loss is not None else "")
                  + (f", validation {val_loss:.4f}" if val_loss is not None else ""),
@@ -237,3 +192,19 @@ class MetricsLogger:
         if steps and self.start_iteration + steps < t.iters:
             parts.append("rerun the same command to resume")
         print(" | ".join(parts), flush=True)
+
+
+def _records_up_to(path: str, iteration: int) -> list[dict]:
+    """The records of metrics.jsonl at ``path`` up to ``iteration``, the file rewritten (atomically)
+    to hold only those: the later ones came from a launch that stopped after its last checkpoint,
+    and the resumed run writes its own."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if r["iteration"] <= iteration]
+    if len(kept) < len(records):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+    return kept

@@ -414,9 +414,13 @@ def compose_config(overrides: list[str] = (), recipe: str = "tiny",
 # -- keys and their docs (for --help and "did you mean") -----------------------------------------
 
 STABLE_KEYS = ("model.*", "attention.layout", "attention.s2.*", "parallel.tp", "parallel.cp", "parallel.pp",
+               "parallel.overlap_grad_reduce", "parallel.overlap_param_gather",
                "train.iters", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
-               "data.reset_attention_mask", "data.reset_position_ids", "run.dir", "checkpoint.dir",
-               "checkpoint.interval", "checkpoint.init_from", "logging.interval", "logging.wandb.mode")
+               "train.exit_interval", "train.exit_duration_in_mins", "train.override_opt_param_scheduler",
+               "train.use_checkpoint_opt_param_scheduler",
+               "data.reset_attention_mask", "data.reset_position_ids", "data.eod_mask_loss", "run.dir",
+               "checkpoint.dir", "checkpoint.interval", "checkpoint.init_from", "logging.interval",
+               "logging.wandb.mode")
 
 
 def _field_docs(cls) -> dict[str, str]:

@@ -275,16 +275,16 @@ def test_window_only_baselines_see_only_their_window(recipe):
     assert torch.equal(layout.block_mask(n, n).any(dim=0), (j <= i) & (i - j < s2.local_blocks))
 
 
-def test_the_uncovered_retrieval_recipe_leaves_the_odd_residues_unseen():
-    """retrieval2k_uncovered differs from retrieval2k_sparse only in its stride, and beyond the
-    window its heads read no block at the odd residues (the S2 rule written out: kv head g reads
-    block j iff (j + g * step) % stride == 0, step = stride // kv heads)."""
+def test_the_uncovered_retrieval_recipe_leaves_the_residues_it_says():
+    """retrieval2k_uncovered differs from retrieval2k_sparse only in its pattern, and beyond the
+    window its heads read no block at residues 1-4 (the S2 rule written out: kv head g reads block
+    j iff (j + g * step) % stride == 0)."""
     cfg, twin = compose_config(recipe="retrieval2k_uncovered"), compose_config(recipe="retrieval2k_sparse")
     assert (cfg.model, cfg.train, cfg.data, cfg.attention.layout) == (twin.model, twin.train, twin.data, twin.attention.layout)
     s2, m = _s2(cfg), cfg.model
-    step = s2.vert_stride // m.num_query_groups
-    read = sorted({r for r in range(s2.vert_stride) for g in range(m.num_query_groups) if (r + g * step) % s2.vert_stride == 0})
-    assert sorted(set(range(s2.vert_stride)) - set(read)) == [1, 3, 5, 7]
+    read = {r for r in range(s2.vert_stride) for g in range(m.num_query_groups)
+            if (r + g * s2.head_sliding_step) % s2.vert_stride == 0}
+    assert sorted(set(range(s2.vert_stride)) - read) == [1, 2, 3, 4]
     assert s2.to_layout(m.num_attention_heads, m.num_query_groups).unseen_block_pairs(cfg.train.seq_length) > 0
 
 

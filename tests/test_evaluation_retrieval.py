@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from megatron_s2 import S2AttentionConfig
-from megatron_s2.evaluation.retrieval import (EOD, VOCAB, RecallTask, distance_buckets, evaluate_needles,
-                                              evaluate_recall, format_coverage, format_needles, generate_document,
-                                              needle_document, write_dataset)
+from megatron_s2.evaluation.retrieval import (EOD, VOCAB, Question, RecallTask, coverage_table, distance_buckets,
+                                              evaluate_needles, evaluate_recall, format_coverage, format_needles,
+                                              generate_document, needle_document, write_dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,25 +128,43 @@ def test_needle_cells_are_scored_at_their_length_and_depth():
 
 
 def test_coverage_classes_follow_the_s2_rule():
-    """Stride 8 over 4 kv heads (step 2): older blocks at odd residues are computed by no head. An
-    oracle blind exactly where the S2 rule (written out here) computes nothing scores 100% on the
-    window and on covered residues, 0% on uncovered ones."""
-    s2 = S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=8)
+    """Stride 8 over 4 kv heads with step 1: the heads read older blocks at residues 0, 7, 6, 5
+    only. Two S layers can still carry a binding at residue 4 over through the window of the next
+    block (residue 5); residues 1-3 are beyond reach except just past the window. Oracles blind
+    exactly where the S2 rule (written out here) reads nothing, in one layer or in two, score
+    100% and 0% on the classes the table names."""
+    s2 = S2AttentionConfig(block_size=16, local_blocks=2, vert_stride=8, head_sliding_step=1)
     layout = s2.to_layout(num_heads=4, num_kv_heads=4)
     task = RecallTask(seq_length=512, num_keys=16)
 
-    def computed(query, binding):
+    def read(i, j):                                   # some head computes query block i, key block j
+        return j <= i and (i - j < 2 or any((j + g) % 8 == 0 for g in range(4)))
+
+    def one_layer(query, binding):
+        return read(query // 16, binding // 16)
+
+    def two_layers(query, binding):
         i, j = query // 16, binding // 16
-        return i - j < 2 or any((j + g * 2) % 8 == 0 for g in range(4))
-    result = evaluate_recall(limited(task, computed), task, window=32, num_documents=8, layout=layout)
-    coverage = result["coverage"]
-    classes = coverage["classes"]
-    assert (classes["window"]["accuracy"], classes["covered"]["accuracy"], classes["uncovered"]["accuracy"]) == \
-        (1.0, 1.0, 0.0)
-    assert sum(c["questions"] for c in classes.values()) == 8 * 16
-    assert [(r["residue"], r["covered"], r["accuracy"]) for r in coverage["residues"]] == \
-        [(r, r % 2 == 0, float(r % 2 == 0)) for r in range(8)]
-    assert re.search(r"\n  residue  3 uncovered +0\.0%  of +\d+ questions\n", format_coverage(coverage))
+        return any(read(i, m) and read(m, j) for m in range(j, i + 1))
+
+    def accuracy(result):
+        return {name: c["accuracy"] for name, c in result["coverage"]["classes"].items()}
+
+    direct = evaluate_recall(limited(task, one_layer), task, window=32, num_documents=16, layout=layout)
+    routed = evaluate_recall(limited(task, two_layers), task, window=32, num_documents=16, layout=layout)
+    assert accuracy(direct) == {"window": 1.0, "covered": 1.0, "routed": 0.0, "unreachable": 0.0}
+    assert accuracy(routed) == {"window": 1.0, "covered": 1.0, "routed": 1.0, "unreachable": 0.0}
+    coverage = routed["coverage"]
+    assert sum(c["questions"] for c in coverage["classes"].values()) == 16 * 16
+    by_class = {name: {row["residue"] for row in coverage["residues"] if row["class"] == name}
+                for name in ("covered", "routed", "unreachable")}
+    assert by_class["covered"] == {0, 5, 6, 7} and by_class["unreachable"] == {1, 2, 3}
+    assert 4 in by_class["routed"] and by_class["routed"] <= {1, 2, 3, 4}
+    assert re.search(r"\n  residue  2 unreachable +0\.0%  of +\d+ questions", format_coverage(coverage))
+    # The value is predicted at the position before it: here the key ends block 1 and the binding
+    # starts block 0, so the pair is inside the 2-block window although the value opens block 2.
+    edge = coverage_table(layout, 512, [(Question(position=32, distance=32, value_id=0), True)])
+    assert edge["classes"]["window"]["questions"] == 1
 
 
 def test_plot_subcommand_draws_both_pictures(tmp_path):

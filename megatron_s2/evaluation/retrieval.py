@@ -240,37 +240,41 @@ def evaluate_recall(logits_fn, task: RecallTask, *, window: int, num_documents: 
     return result
 
 
-def coverage_table(layout: S2Layout, seq_length: int, scored: list[tuple[Question, bool]]) -> dict:
-    """Accuracy by whether any head of ``layout`` computes the block pair (query block, binding's
-    block) of each question, read from ``layout.block_mask`` at ``seq_length``.
+COVERAGE_CLASSES = ("window", "covered", "routed", "unreachable")
+"""How the binding's block relates to the query block under an S2 pattern (``coverage_table``)."""
 
-    The query is the position before the value (where the value is predicted). A pair inside the
-    local window (fewer than ``local_blocks`` blocks apart) is "window"; an older one is "covered"
-    when some head computes it, else "uncovered", and is also counted under the residue of the
-    binding's block modulo ``vert_stride``. Returns {"vert_stride", "classes": {window, covered,
-    uncovered: tally}, "residues": [{residue, covered, questions, correct, accuracy}]} where a
-    residue's "covered" is true, false, or None when only some of its pairs are computed (a
-    pattern with dense heads or offsets beyond the S2 rule).
+
+def coverage_table(layout: S2Layout, seq_length: int, scored: list[tuple[Question, bool]]) -> dict:
+    """Accuracy by how the heads of ``layout`` connect the query block of each question to its
+    binding's block, read from ``layout.block_mask`` at ``seq_length`` (U: some head computes the
+    block pair):
+
+    - "window": fewer than ``local_blocks`` blocks apart;
+    - "covered": older, and U holds the pair (a strided head reads the binding's block);
+    - "routed": U does not, but U·U does: a block m reads the binding's block and the query block
+      reads m, so two S layers in a row can carry the binding over (e.g. through m's window);
+    - "unreachable": not even U·U: no two S layers connect them (nor one).
+
+    The query is the position before the value (where the value is predicted). Older pairs are
+    also counted under the residue of the binding's block modulo ``vert_stride``. Returns
+    {"vert_stride", "classes": {class: {questions, correct, accuracy}}, "residues": [{residue,
+    class, questions, correct, accuracy}]} (one row per residue and class that occur).
     """
     n = -(-seq_length // layout.block_size)
     seen = layout.block_mask(n, n).any(dim=0)
-    classes = {"window": [], "covered": [], "uncovered": []}
-    residues: dict[int, list[tuple[bool, bool]]] = {}
+    routes = (seen.float() @ seen.float()) > 0
+    classes = {name: [] for name in COVERAGE_CLASSES}
+    residues: dict[tuple[int, int], list[bool]] = {}
     for q, ok in scored:
         i, j = (q.position - 1) // layout.block_size, (q.position - q.distance) // layout.block_size
-        if i - j < layout.local_blocks:
-            classes["window"].append(ok)
-            continue
-        covered = bool(seen[i, j])
-        classes["covered" if covered else "uncovered"].append(ok)
-        residues.setdefault(j % layout.vert_stride, []).append((covered, ok))
-    rows = []
-    for r, pairs in sorted(residues.items()):
-        flags = {covered for covered, _ in pairs}
-        rows.append({"residue": r, "covered": flags.pop() if len(flags) == 1 else None,
-                     **_tally([ok for _, ok in pairs])})
+        kind = ("window" if i - j < layout.local_blocks else "covered" if seen[i, j]
+                else "routed" if routes[i, j] else "unreachable")
+        classes[kind].append(ok)
+        if kind != "window":
+            residues.setdefault((j % layout.vert_stride, COVERAGE_CLASSES.index(kind)), []).append(ok)
     return {"vert_stride": layout.vert_stride, "classes": {k: _tally(v) for k, v in classes.items()},
-            "residues": rows}
+            "residues": [{"residue": r, "class": COVERAGE_CLASSES[c], **_tally(oks)}
+                         for (r, c), oks in sorted(residues.items())]}
 
 
 DEPTHS = tuple(i / 10 for i in range(11))
@@ -320,14 +324,13 @@ def _percent(tally: dict) -> str:
 
 
 def format_coverage(coverage: dict, label: str = "") -> str:
-    """``coverage_table``'s result as lines: the window, each residue, then covered/uncovered."""
-    names = {True: "covered", False: "uncovered", None: "partly covered"}
-    rows = ([("local window", coverage["classes"]["window"])]
-            + [(f"residue {r['residue']:>2} {names[r['covered']]}", r) for r in coverage["residues"]]
-            + [(f"beyond the window, {name}", coverage["classes"][name]) for name in ("covered", "uncovered")])
-    return "\n".join([f"{label + ': ' if label else ''}accuracy by the binding block's residue modulo "
-                      f"{coverage['vert_stride']} (the S layers' pattern)"]
-                     + [f"  {name:<30}{_percent(t)}  of {t['questions']:>5} questions" for name, t in rows])
+    """``coverage_table``'s result as lines: each class, then each residue and class beyond the
+    window."""
+    rows = ([(name, coverage["classes"][name]) for name in COVERAGE_CLASSES]
+            + [(f"residue {r['residue']:>2} {r['class']}", r) for r in coverage["residues"]])
+    return "\n".join([f"{label + ': ' if label else ''}accuracy by how the S layers' heads reach the binding's "
+                      f"block (residues modulo {coverage['vert_stride']})"]
+                     + [f"  {name:<24}{_percent(t)}  of {t['questions']:>5} questions" for name, t in rows])
 
 
 def format_needles(result: dict, label: str = "") -> str:

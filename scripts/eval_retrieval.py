@@ -33,6 +33,9 @@ def main(argv=None) -> None:
     gen.add_argument("--num-train", type=int, default=8000)
     gen.add_argument("--num-valid", type=int, default=64)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--train-lengths", type=int, nargs="*", default=None,
+                     help="training sequences packed from documents of these lengths (dividing --seq-length); "
+                          "train with data.reset_attention_mask=true data.reset_position_ids=true")
     ev = sub.add_parser("evaluate", help="accuracy by distance of a run's newest checkpoint")
     ev.add_argument("run_dir")
     ev.add_argument("--data", default="data/retrieval", help="the generated data (its task.json: the task's shape)")
@@ -51,7 +54,7 @@ def main(argv=None) -> None:
 
     if a.command == "generate":
         task = RecallTask(seq_length=a.seq_length, num_keys=a.num_keys, num_values=a.num_values)
-        meta = write_dataset(task, a.out, a.num_train, a.num_valid, a.seed)
+        meta = write_dataset(task, a.out, a.num_train, a.num_valid, a.seed, a.train_lengths)
         print(f"wrote {a.out}/train ({meta['train']['documents']} documents) and {a.out}/valid "
               f"({meta['valid']['documents']} documents); train with "
               f"data.loss_token_ids=[{','.join(map(str, task.answer_ids))}] (the answers)")

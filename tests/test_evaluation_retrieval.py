@@ -48,6 +48,31 @@ def test_documents_have_the_exact_length_and_honest_questions(seed):
         assert [i for i, t in enumerate(tokens) if t == key] == [q.position - 1]
 
 
+def test_mixed_length_training_sequences_pack_whole_documents(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    task = RecallTask(seq_length=128, num_keys=4)
+    meta = write_dataset(task, str(tmp_path), num_train=12, num_valid=2, train_lengths=[32, 64, 128])
+    assert meta["train_lengths"] == [32, 64, 128]
+    seen = set()
+    for split, count in (("train", 12), ("valid", 2)):
+        data = IndexedDataset(str(tmp_path / split))
+        assert len(data) == count
+        for k in range(count):
+            tokens = data[k].tolist()
+            assert len(tokens) == 128 and tokens[-1] == EOD
+            ends = [i + 1 for i, t in enumerate(tokens) if t == EOD]
+            docs = [tokens[a:b] for a, b in zip([0] + ends[:-1], ends)]
+            lengths = {len(doc) for doc in docs}
+            assert len(lengths) == 1 and (split == "train" or lengths == {128})
+            seen |= lengths
+            for doc in docs:                             # each document asks each of the 4 keys once
+                assert sorted(doc[p - 1] for p, _, _ in reread(task, doc)) == [0, 1, 2, 3]
+    assert seen == {32, 64, 128}
+    with pytest.raises(ValueError, match="must divide seq_length"):
+        write_dataset(task, str(tmp_path / "bad"), 1, 1, train_lengths=[48])
+
+
 def test_task_rejects_ids_beyond_the_vocabulary():
     with pytest.raises(ValueError, match="token ids must fit"):
         RecallTask(seq_length=2048, num_keys=23, num_values=10)

@@ -144,8 +144,7 @@ def needle_document(task: RecallTask, length: int, depth: float, rng: random.Ran
     Returns (ids, the needle's Question); the haystack's questions are not scored."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    count = max(1, round(task.num_keys * length / task.seq_length))
-    keys = rng.sample(range(task.num_keys), count)
+    keys = rng.sample(range(task.num_keys), max(1, round(task.num_keys * length / task.seq_length)))
     needle, value = keys[0], rng.randrange(task.num_values)
     haystack = generate_document(task, rng, length=length - 4, keys=keys[1:])[0][:-1]   # length - 5 ids
     where = round(depth * len(haystack))
@@ -157,24 +156,40 @@ def needle_document(task: RecallTask, length: int, depth: float, rng: random.Ran
     return tokens, Question(length - 2, length - 2 - where, task.value_id(value))
 
 
-def write_dataset(task: RecallTask, output_dir: str, num_train: int, num_valid: int, seed: int = 0) -> dict:
+def write_dataset(task: RecallTask, output_dir: str, num_train: int, num_valid: int, seed: int = 0,
+                  train_lengths: list[int] | None = None) -> dict:
     """Write ``output_dir``/{train,valid}.bin/.idx/.json (ids of the byte tokenizer's vocabulary,
     with its metadata sidecar) and task.json; returns the metadata. Train and valid documents come
-    from different seeds."""
+    from different seeds; every stored sequence is ``task.seq_length`` tokens.
+
+    With ``train_lengths`` (each dividing ``task.seq_length``), each training sequence is
+    ``seq_length // L`` documents of one length L drawn uniformly from them, each binding and
+    asking every key, stored as one sequence with their end-of-document ids: train with
+    data.reset_attention_mask and data.reset_position_ids so that each is attended alone. A
+    curriculum in every batch: a question in a short document has few tokens to search, which
+    gives the lookup a strong signal early, and short documents hold more questions per token.
+    Validation is always ``seq_length``-token documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron_s2.training.data import ByteTokenizer
 
     if num_train < 1 or num_valid < 1:
         raise ValueError(f"num_train ({num_train}) and num_valid ({num_valid}) must be >= 1")
+    if train_lengths and any(n < 1 or task.seq_length % n for n in train_lengths):
+        raise ValueError(f"train_lengths {train_lengths} must divide seq_length ({task.seq_length})")
     os.makedirs(output_dir, exist_ok=True)
-    meta = {"task": task.__dict__, "seed": seed}
-    for split, count, split_seed in (("train", num_train, seed), ("valid", num_valid, seed + 1)):
+    meta = {"task": task.__dict__, "seed": seed, "train_lengths": train_lengths or [task.seq_length]}
+    for split, count, split_seed, lengths in (("train", num_train, seed, train_lengths),
+                                              ("valid", num_valid, seed + 1, None)):
         rng = random.Random(split_seed)
         prefix = os.path.join(output_dir, split)
         builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
         for _ in range(count):
-            tokens = generate_document(task, rng)[0]
+            if lengths:
+                n = rng.choice(lengths)
+                tokens = [t for _ in range(task.seq_length // n) for t in generate_document(task, rng, length=n)[0]]
+            else:
+                tokens = generate_document(task, rng)[0]
             builder.add_document(np.array(tokens, dtype=np.int64), [len(tokens)])
         builder.finalize(prefix + ".idx")
         info = {"tokenizer": ByteTokenizer().unique_identifiers, "vocab_size": VOCAB, "eod": EOD,

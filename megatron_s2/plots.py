@@ -275,8 +275,9 @@ def plot_needles(path: str, results: dict[str, dict], dpi: int = 80) -> str:
     bar = fig.colorbar(image, ax=list(axes), shrink=0.9)
     bar.set_label(f"accuracy (%), chance {first['chance']:.0%}", fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    fig.suptitle(f"needle retrieval: the question ends the document, {first['documents']} documents a cell",
-                 fontsize=10)
+    counts = sorted({r["documents"] for r in results.values()})
+    fig.suptitle(f"needle retrieval: the question ends the document, {'/'.join(map(str, counts))} "
+                 f"documents a cell", fontsize=10)
     return _save(fig, path, dpi)
 
 
@@ -299,6 +300,7 @@ def plot_recall_by_distance(path: str, results: dict[str, dict], dpi: int = 80) 
     ax.set_xticks(edges, [str(e) for e in edges])
     ax.set_xlim(1, edges[-1])
     ax.set_ylim(0, 105)
+    ax.set_title(f"associative recall by distance, {edges[-1]}-token documents", fontsize=10)
     ax.set_xlabel("distance from the binding to the asked value (tokens, bucket edges)", fontsize=8)
     ax.set_ylabel("accuracy (%)", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -11,6 +11,8 @@ The trainer draws the layout picture of each run with it; evaluation scripts dra
   method marked, under a title with the shape, dtype and block pattern (from
   ``scripts/bench_attention.py``'s report).
 - ``plot_loss_curves``: training and validation loss of several runs side by side.
+- ``plot_needles`` and ``plot_recall_by_distance``: long-range retrieval of several models (from
+  ``megatron_s2.evaluation.retrieval``), as the S2 paper's needle picture and as lines by distance.
 
 Figures are small PNGs (blocky images, low dpi) meant for docs and wandb.
 """
@@ -308,4 +310,62 @@ def plot_loss_curves(path: str, runs: dict[str, list[dict]], title: str | None =
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title or "training and validation loss of " + ", ".join(runs), fontsize=10)
+    return _save(fig, path, dpi)
+
+
+def plot_needles(path: str, results: dict[str, dict], dpi: int = 80) -> str:
+    """The needle-in-a-haystack picture: one heatmap per model (``results`` maps a label to an
+    ``evaluate_needles`` result), accuracy over document length (x, tokens) and binding depth (y,
+    top: the start of the document), side by side on one colour scale from 0 to 100%; every cell
+    is written out."""
+    if not results:
+        raise ValueError("results must hold at least one model")
+    first = next(iter(results.values()))
+    fig = Figure(figsize=(1.0 + 2.6 * len(results), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(results), sharey=True, squeeze=False)[0])
+    for ax, (label, r) in zip(axes, results.items()):
+        accuracy = np.array(r["accuracy"], dtype=float).T * 100          # [depth, length]
+        image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+        for (k, n), value in np.ndenumerate(accuracy):
+            ax.text(n, k, f"{value:.0f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(r["lengths"])), [str(n) for n in r["lengths"]])
+        ax.set_xlabel("document length (tokens)", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(range(len(first["depths"])), [f"{d:.0%}" for d in first["depths"]])
+    axes[0].set_ylabel("binding depth (% of the document before the question)", fontsize=8)
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.9)
+    bar.set_label(f"accuracy (%), chance {first['chance']:.0%}", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    counts = sorted({r["documents"] for r in results.values()})
+    fig.suptitle(f"needle retrieval: the question ends the document, {'/'.join(map(str, counts))} "
+                 f"documents a cell", fontsize=10)
+    return _save(fig, path, dpi)
+
+
+def plot_recall_by_distance(path: str, results: dict[str, dict], dpi: int = 80) -> str:
+    """Accuracy against the distance from the binding to the asked value (log scale, tokens), one
+    line per model (``results`` maps a label to an ``evaluate_recall`` result), each point at the
+    geometric middle of its distance bucket; chance dashed, the local window shaded."""
+    if not results:
+        raise ValueError("results must hold at least one model")
+    first = next(iter(results.values()))
+    fig = Figure(figsize=(8.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.axvspan(1, first["window"], color="#eeeeee", label=f"local window ({first['window']} tokens)")
+    ax.axhline(first["chance"] * 100, color="black", linestyle="--", linewidth=1, label=f"chance ({first['chance']:.0%})")
+    for i, (label, r) in enumerate(results.items()):
+        points = [(np.sqrt(b["lo"] * b["hi"]), b["accuracy"] * 100) for b in r["buckets"] if b["accuracy"] is not None]
+        ax.plot(*zip(*points), "o-", color=PALETTE[i % len(PALETTE)], label=label)
+    edges = sorted({e for b in first["buckets"] for e in (b["lo"], b["hi"])})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(edges, [str(e) for e in edges])
+    ax.set_xlim(1, edges[-1])
+    ax.set_ylim(0, 105)
+    ax.set_title(f"associative recall by distance, {edges[-1]}-token documents", fontsize=10)
+    ax.set_xlabel("distance from the binding to the asked value (tokens, bucket edges)", fontsize=8)
+    ax.set_ylabel("accuracy (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))      # beside the lines, never on them
     return _save(fig, path, dpi)

@@ -219,7 +219,9 @@ def _s2(cfg) -> S2AttentionConfig:
 
 
 RECIPES = sorted(os.path.basename(p)[:-5] for p in glob.glob(f"{RECIPES_DIR}/*.yaml") if not p.endswith("base.yaml"))
-WINDOW_ONLY_BASELINES = {"quality_window", "retrieval_window"}
+WINDOW_ONLY_BASELINES = {"quality_window", "retrieval_window", "retrieval2k_window"}
+"""The recipes whose heads see only their local window, on purpose."""
+UNCOVERED_ON_PURPOSE = WINDOW_ONLY_BASELINES | {"retrieval2k_uncovered"}
 """The recipes that leave older blocks unseen on purpose (attention.s2.allow_uncovered_context)."""
 
 
@@ -255,12 +257,37 @@ def test_every_shipped_recipe_covers_its_context(recipe):
     for h in range(layout.num_heads):
         seen |= layout.block_mask(n, n, head_offset=h, num_heads=1)[0]
     covered = torch.equal(seen, torch.ones(n, n, dtype=torch.bool).tril())
-    assert s2.allow_uncovered_context == (recipe in WINDOW_ONLY_BASELINES)
+    assert s2.allow_uncovered_context == (recipe in UNCOVERED_ON_PURPOSE)
     assert covered != s2.allow_uncovered_context, (recipe, int((~seen).tril().sum()))
     validate_hybrid_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
                           num_query_groups=m.num_query_groups, tensor_model_parallel_size=cfg.parallel.tp,
                           seq_length=cfg.train.seq_length, s2=s2, layout=hybrid,
                           context_parallel_size=cfg.parallel.cp)
+
+
+@pytest.mark.parametrize("recipe", sorted(WINDOW_ONLY_BASELINES))
+def test_window_only_baselines_see_only_their_window(recipe):
+    """No head of a window-only baseline reaches an older block at the recipe's length (a strided
+    residue inside the sequence would let some far blocks through)."""
+    cfg = compose_config(recipe=recipe)
+    s2 = _s2(cfg)
+    layout = s2.to_layout(cfg.model.num_attention_heads, cfg.model.num_query_groups or cfg.model.num_attention_heads)
+    n = cfg.train.seq_length // s2.block_size
+    i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    assert torch.equal(layout.block_mask(n, n).any(dim=0), (j <= i) & (i - j < s2.local_blocks))
+
+
+def test_the_uncovered_retrieval_recipe_leaves_the_residues_it_says():
+    """retrieval2k_uncovered differs from retrieval2k_sparse only in its pattern, and beyond the
+    window its heads read no block at residues 1-4 (the S2 rule written out: kv head g reads block
+    j iff (j + g * step) % stride == 0)."""
+    cfg, twin = compose_config(recipe="retrieval2k_uncovered"), compose_config(recipe="retrieval2k_sparse")
+    assert (cfg.model, cfg.train, cfg.data, cfg.attention.layout) == (twin.model, twin.train, twin.data, twin.attention.layout)
+    s2, m = _s2(cfg), cfg.model
+    read = {r for r in range(s2.vert_stride) for g in range(m.num_query_groups)
+            if (r + g * s2.head_sliding_step) % s2.vert_stride == 0}
+    assert sorted(set(range(s2.vert_stride)) - read) == [1, 2, 3, 4]
+    assert s2.to_layout(m.num_attention_heads, m.num_query_groups).unseen_block_pairs(cfg.train.seq_length) > 0
 
 
 def test_uncovered_pattern_is_rejected_naming_fields_and_fixes():
